@@ -1,0 +1,49 @@
+"""minicpmo: MiniCPM-o 4.5 native to transformers 5.
+
+Importing the package registers the classes with the Auto API, so `AutoModel.from_pretrained(folder)` and
+`AutoProcessor.from_pretrained(folder)` resolve to this code without `trust_remote_code`.
+"""
+
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+)
+
+from .configuration.configuration_minicpmo import (
+    MiniCPMOConfig,
+    MiniCPMOConfigError,
+    MiniCPMTTSConfig,
+    MiniCPMVSliceConfig,
+)
+from .configuration.configuration_presets import official_config, tiny_config
+from .modeling.modeling_minicpmo import (
+    ContextLengthError,
+    MiniCPMOForConditionalGeneration,
+    MiniCPMOModel,
+    MiniCPMOPreTrainedModel,
+)
+from .modeling.modeling_multimodal_merge import PlaceholderMismatchError
+from .processing.processing_minicpmo import MiniCPMOProcessor
+
+AutoConfig.register(MiniCPMOConfig.model_type, MiniCPMOConfig, exist_ok=True)
+for _auto in (AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText):
+    _auto.register(MiniCPMOConfig, MiniCPMOForConditionalGeneration, exist_ok=True)
+AutoProcessor.register(MiniCPMOConfig, MiniCPMOProcessor, exist_ok=True)
+
+__all__ = [
+    "ContextLengthError",
+    "MiniCPMOConfig",
+    "MiniCPMOConfigError",
+    "MiniCPMOForConditionalGeneration",
+    "MiniCPMOModel",
+    "MiniCPMOPreTrainedModel",
+    "MiniCPMOProcessor",
+    "MiniCPMTTSConfig",
+    "MiniCPMVSliceConfig",
+    "PlaceholderMismatchError",
+    "official_config",
+    "tiny_config",
+]

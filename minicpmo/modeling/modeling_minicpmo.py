@@ -1,0 +1,281 @@
+"""MiniCPM-o 4.5 for transformers 5: Qwen3 LLM + NaViT SigLIP/resampler vision + streaming Whisper audio.
+
+Layout (the one TRL and PEFT expect): `MiniCPMOForConditionalGeneration.model` is `MiniCPMOModel`, which merges
+image and audio features into the text embeddings and returns `last_hidden_state`; `lm_head` sits beside it.
+Official checkpoints name the same tensors `llm.model.*`, `llm.lm_head.*`, `vpm.*`, `resampler.*`, `apm.*`,
+`audio_projection_layer.*`; a registered weight renaming (reversed on save) maps between the two.
+"""
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel, Qwen3Model
+from transformers import initialization as init
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import WeightRenaming
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from ..configuration.configuration_minicpmo import MiniCPMOConfig
+from .modeling_audio import (
+    MiniCPMOAudioEncoder,
+    MiniCPMOAudioPositionEmbedding,
+    MiniCPMOAudioProjector,
+    audio_embeddings_from_features,
+)
+from .modeling_multimodal_merge import scatter_into_slots, span_slot_mask
+from .modeling_resampler import MiniCPMOResampler
+from .modeling_vision import MiniCPMOVisionTransformer
+
+
+class ContextLengthError(ValueError):
+    """The prompt (plus the cache) does not fit into the model's context."""
+
+
+# Official key prefix -> our module path. Reversed on save, so checkpoints keep the official names.
+OFFICIAL_KEY_RENAMES = {
+    r"^llm\.model\.": "model.language_model.",
+    r"^llm\.lm_head\.": "lm_head.",
+    r"^vpm\.": "model.vpm.",
+    r"^resampler\.": "model.resampler.",
+    r"^apm\.": "model.apm.",
+    r"^audio_projection_layer\.": "model.audio_projection_layer.",
+}
+
+
+def official_weight_renamings() -> list[WeightRenaming]:
+    return [WeightRenaming(source, target) for source, target in OFFICIAL_KEY_RENAMES.items()]
+
+
+register_checkpoint_conversion_mapping("minicpmo", official_weight_renamings(), overwrite=True)
+
+
+class MiniCPMOPreTrainedModel(PreTrainedModel):
+    config_class = MiniCPMOConfig
+    config: MiniCPMOConfig
+    base_model_prefix = "model"
+    input_modalities = ("text", "image", "audio")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Qwen3DecoderLayer", "SiglipEncoderLayer", "MiniCPMOAudioEncoderLayer"]
+    _skip_keys_device_placement = "cache"
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = False
+    _supports_attention_backend = True
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, MiniCPMOResampler):
+            module.reset_parameters_and_buffers(std=self.config.initializer_range)
+        elif isinstance(module, MiniCPMOAudioPositionEmbedding):
+            module.reset_parameters()
+
+    def _keep_existing_no_split_modules(self) -> None:
+        """FSDP auto-wrap and device_map require every listed class to exist in the built model."""
+        present = {type(m).__name__ for m in self.modules()}
+        self._no_split_modules = {name for name in (self._no_split_modules or ()) if name in present}
+
+
+class MiniCPMOModel(MiniCPMOPreTrainedModel):
+    """Encoders + LLM backbone; returns the LLM's last hidden state for any mix of text, images and audio."""
+
+    def __init__(self, config: MiniCPMOConfig):
+        super().__init__(config)
+        self.language_model = Qwen3Model(config)
+        if config.init_vision:
+            self.vpm = MiniCPMOVisionTransformer(config.vision_config)
+            self.resampler = MiniCPMOResampler(
+                num_queries=config.query_num,
+                embed_dim=config.hidden_size,
+                num_heads=config.resampler_num_heads,
+                kv_dim=config.vision_config.hidden_size,
+            )
+        if config.init_audio:
+            self.apm = MiniCPMOAudioEncoder(config.audio_config, chunk_length_s=config.audio_chunk_length)
+            self.audio_projection_layer = MiniCPMOAudioProjector(config.audio_projector_input_size, config.hidden_size)
+        self.post_init()
+        self._keep_existing_no_split_modules()
+
+    def get_input_embeddings(self):
+        return self.language_model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.language_model.embed_tokens = value
+
+    # --- encoders -------------------------------------------------------------------------------------------
+    def get_image_features(self, pixel_values: torch.Tensor, tgt_sizes: torch.LongTensor) -> torch.Tensor:
+        """[N slices, 3, p, L*p] strips -> [N, query_num, hidden] resampled features, in chunks of vision_batch_size."""
+        if not self.config.init_vision:
+            raise ValueError("this model was built with init_vision=False and cannot take images")
+        pixel_values = pixel_values.to(self.vpm.embeddings.patch_embedding.weight.dtype)
+        hidden, patch_mask = self.vpm(pixel_values, tgt_sizes, vision_batch_size=self.config.vision_batch_size)
+        return self.resampler(hidden, tgt_sizes, patch_mask)
+
+    def get_audio_features(
+        self, input_features: torch.Tensor, input_features_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """[N pieces, 80, T] log-mel -> all real audio tokens, concatenated in reading order: [n_tokens, hidden]."""
+        if not self.config.init_audio:
+            raise ValueError("this model was built with init_audio=False and cannot take audio")
+        input_features = input_features.to(self.apm.conv1.weight.dtype)
+        pieces = audio_embeddings_from_features(
+            self.apm, self.audio_projection_layer, input_features, input_features_mask, self.config.audio_pool_step
+        )
+        return torch.cat(pieces, dim=0)
+
+    def image_slot_mask(self, input_ids: torch.LongTensor) -> torch.BoolTensor:
+        c = self.config
+        return span_slot_mask(
+            input_ids, (c.image_start_token_id, c.slice_start_token_id), (c.image_end_token_id, c.slice_end_token_id),
+            c.unk_token_id,
+        )
+
+    def audio_slot_mask(self, input_ids: torch.LongTensor) -> torch.BoolTensor:
+        c = self.config
+        return span_slot_mask(input_ids, (c.audio_start_token_id,), (c.audio_end_token_id,), c.unk_token_id)
+
+    def embed_multimodal(
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.Tensor | None = None,
+        tgt_sizes: torch.LongTensor | None = None,
+        input_features: torch.Tensor | None = None,
+        input_features_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Text embeddings with image and audio features poured into their placeholder slots."""
+        inputs_embeds = self.get_input_embeddings()(input_ids)
+        if pixel_values is not None:
+            if tgt_sizes is None:
+                raise ValueError("pixel_values were given without tgt_sizes (patch grid of every slice)")
+            image_features = self.get_image_features(pixel_values, tgt_sizes).flatten(0, 1)
+            inputs_embeds = scatter_into_slots(inputs_embeds, self.image_slot_mask(input_ids), image_features, "image")
+        elif self.config.init_vision and self.training:
+            # Keep the vision tower in the graph so DDP / ZeRO see a gradient for it on text-only batches.
+            inputs_embeds = inputs_embeds + 0.0 * sum(p.sum() for p in self.resampler.parameters())
+        if input_features is not None:
+            audio_features = self.get_audio_features(input_features, input_features_mask)
+            inputs_embeds = scatter_into_slots(inputs_embeds, self.audio_slot_mask(input_ids), audio_features, "audio")
+        elif self.config.init_audio and self.training:
+            inputs_embeds = inputs_embeds + 0.0 * sum(p.sum() for p in self.audio_projection_layer.parameters())
+        return inputs_embeds
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        pixel_values: torch.Tensor | None = None,
+        tgt_sizes: torch.LongTensor | None = None,
+        input_features: torch.Tensor | None = None,
+        input_features_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_multimodal(input_ids, pixel_values, tgt_sizes, input_features, input_features_mask)
+        self._check_context_length(inputs_embeds.shape[1], cache)
+        return self.language_model(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+
+    def _check_context_length(self, new_tokens: int, cache) -> None:
+        past = cache.get_seq_length() if cache is not None else 0
+        if past + new_tokens > self.config.max_position_embeddings:
+            raise ContextLengthError(
+                f"prompt of {new_tokens} tokens plus {past} cached tokens exceeds the context of "
+                f"{self.config.max_position_embeddings} positions (max_position_embeddings)"
+            )
+
+
+class MiniCPMOForConditionalGeneration(MiniCPMOPreTrainedModel, GenerationMixin):
+    """MiniCPM-o 4.5 with the LM head: `generate()` over text, images and audio."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: MiniCPMOConfig):
+        super().__init__(config)
+        self.model = MiniCPMOModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+        self._keep_existing_no_split_modules()
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def get_decoder(self):
+        return self.model.language_model
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        pixel_values: torch.Tensor | None = None,
+        tgt_sizes: torch.LongTensor | None = None,
+        input_features: torch.Tensor | None = None,
+        input_features_mask: torch.Tensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            pixel_values=pixel_values,
+            tgt_sizes=tgt_sizes,
+            input_features=input_features,
+            input_features_mask=input_features_mask,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+    def prepare_inputs_for_generation(self, *args, is_first_iteration: bool = False, **kwargs):
+        model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+        # Encoder inputs are consumed by the prefill; decode steps only see new text tokens.
+        if not is_first_iteration and kwargs.get("use_cache", True):
+            model_inputs.pop("tgt_sizes", None)
+        return model_inputs
+
+
+__all__ = [
+    "ContextLengthError",
+    "MiniCPMOForConditionalGeneration",
+    "MiniCPMOModel",
+    "MiniCPMOPreTrainedModel",
+    "OFFICIAL_KEY_RENAMES",
+]
