@@ -1,0 +1,38 @@
+"""Bundled reference voices for speech output and voice cloning (16 kHz mono float32)."""
+
+from pathlib import Path
+
+import numpy as np
+import soundfile
+import torch
+import torchaudio
+
+VOICES_DIR = Path(__file__).resolve().parent / "assets" / "voices"
+BUNDLED_VOICES = {
+    "en_dlc": VOICES_DIR / "ref_en_dlc_1.wav",
+    "minicpm_signature": VOICES_DIR / "ref_minicpm_signature.wav",
+}
+DEFAULT_VOICE = "en_dlc"
+
+
+class UnknownVoiceError(ValueError):
+    """Neither a bundled voice name nor a readable audio file."""
+
+
+def read_audio_16k(path: str | Path) -> np.ndarray:
+    """Any soundfile-readable file -> mono float32 at 16 kHz."""
+    wav, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    mono = torch.from_numpy(wav.mean(axis=1))
+    if rate != 16000:
+        mono = torchaudio.functional.resample(mono, rate, 16000)
+    return mono.numpy().astype(np.float32)
+
+
+def load_voice(name_or_path: str | Path = DEFAULT_VOICE) -> np.ndarray:
+    """A bundled voice by name (see BUNDLED_VOICES) or an audio file path -> 16 kHz mono float32."""
+    path = BUNDLED_VOICES.get(str(name_or_path), Path(name_or_path))
+    if not Path(path).is_file():
+        raise UnknownVoiceError(
+            f"unknown voice {name_or_path!r}: use one of {sorted(BUNDLED_VOICES)} or a path to an audio file"
+        )
+    return read_audio_16k(path)
