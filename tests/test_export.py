@@ -30,7 +30,12 @@ LOAD_WITHOUT_PACKAGE = textwrap.dedent(
                        audio=[[media["audio"].numpy()]], return_tensors="pt")
     with torch.no_grad():
         logits = model(**inputs).logits
-    torch.save({"logits": logits, "input_ids": inputs["input_ids"], "module": type(model).__module__}, out_path)
+    assert model.token2wav_weights_loaded
+    voice = model.prepare_voice(media["audio"].numpy())
+    torch.manual_seed(0)
+    wav = model.token2wav.synthesize(torch.arange(100, 160), voice)
+    torch.save({"logits": logits, "input_ids": inputs["input_ids"], "module": type(model).__module__,
+                "wav": wav}, out_path)
     """
 )
 
@@ -50,7 +55,9 @@ def exported(tmp_path_factory):
 
 
 def test_folder_is_flat_and_has_auto_maps(exported):
-    assert not [p for p in exported.iterdir() if p.is_dir()]
+    # Code and weights are flat; token2wav weights (separate files in the official release) sit in token2wav/.
+    assert [p.name for p in exported.iterdir() if p.is_dir()] == ["token2wav"]
+    assert sorted(p.name for p in (exported / "token2wav").iterdir()) == ["config.json", "model.safetensors"]
     config = json.loads((exported / "config.json").read_text())
     assert config["auto_map"]["AutoModel"] == "modeling_minicpmo.MiniCPMOForConditionalGeneration"
     assert config["model_type"] == "minicpmo"
@@ -87,6 +94,9 @@ def test_trust_remote_code_load_matches_in_package_model(exported, tmp_path):
     with torch.no_grad():
         local = model(**inputs).logits
     torch.testing.assert_close(remote["logits"], local, rtol=0, atol=0)
+    torch.manual_seed(0)
+    local_wav = model.token2wav.synthesize(torch.arange(100, 160), model.prepare_voice(audio))
+    torch.testing.assert_close(remote["wav"], local_wav, rtol=0, atol=0)
 
 
 def test_reexport_from_checkpoint_keeps_weights(exported, tmp_path):
@@ -94,7 +104,9 @@ def test_reexport_from_checkpoint_keeps_weights(exported, tmp_path):
 
     again = tmp_path / "again"
     subprocess.run([sys.executable, "-m", "minicpmo.export", "--from", str(exported), str(again)], check=True)
-    first = MiniCPMOForConditionalGeneration.from_pretrained(exported).state_dict()
-    second = MiniCPMOForConditionalGeneration.from_pretrained(again).state_dict()
+    first_model = MiniCPMOForConditionalGeneration.from_pretrained(exported)
+    second_model = MiniCPMOForConditionalGeneration.from_pretrained(again)
+    assert first_model.token2wav_weights_loaded and second_model.token2wav_weights_loaded
+    first, second = first_model.state_dict(), second_model.state_dict()
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)

@@ -139,6 +139,9 @@ class MiniCPMOConfig(Qwen3Config):
     init_vision: bool = True
     init_audio: bool = True
     init_tts: bool = True
+    # Our addition (the official token2wav ships as separate files): settings of the speech-code -> 24 kHz decoder.
+    # None means the full-size official flow + HiFT; its weights live in the `token2wav/` subfolder of a checkpoint.
+    token2wav_config: dict | None = None
     version: str | float | None = "4.5"
     # Placeholder and span token ids of the official tokenizer; the model finds multimodal slots from these.
     unk_token_id: int = 128244
@@ -148,6 +151,8 @@ class MiniCPMOConfig(Qwen3Config):
     slice_end_token_id: int = 151680
     audio_start_token_id: int = 151697
     audio_end_token_id: int = 151699
+    unit_start_token_id: int = 151683
+    unit_end_token_id: int = 151684
 
     def __post_init__(self, **kwargs):
         if self.vision_config is None:

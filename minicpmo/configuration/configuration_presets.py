@@ -83,7 +83,14 @@ def tiny_config(**overrides) -> MiniCPMOConfig:
             normalize_projected_hidden=True,
             attention_type="full_attention",
         ),
-        init_tts=False,
+        init_tts=True,
+        token2wav_config=_tiny_token2wav_config(),
     )
     values.update(overrides)
     return MiniCPMOConfig(**values)
+
+
+def _tiny_token2wav_config() -> dict:
+    from ..modeling.modeling_token2wav import Token2WavConfig
+
+    return Token2WavConfig.tiny().to_dict()

@@ -6,6 +6,10 @@ Official checkpoints name the same tensors `llm.model.*`, `llm.lm_head.*`, `vpm.
 `audio_projection_layer.*`; a registered weight renaming (reversed on save) maps between the two.
 """
 
+import json
+import os
+
+import safetensors.torch
 import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel, Qwen3Model
@@ -21,8 +25,12 @@ from .modeling_audio import (
     MiniCPMOAudioProjector,
     audio_embeddings_from_features,
 )
+from .modeling_duplex import MiniCPMODuplexMixin
 from .modeling_multimodal_merge import scatter_into_slots, span_slot_mask
 from .modeling_resampler import MiniCPMOResampler
+from .modeling_speech_decoder import MiniCPMOSpeechDecoder, init_weight_norm_parametrization
+from .modeling_speech_output import MiniCPMOSpeechOutputMixin
+from .modeling_token2wav import MiniCPMOToken2Wav, Token2WavConfig, init_token2wav_weights
 from .modeling_vision import MiniCPMOVisionTransformer
 
 
@@ -54,7 +62,7 @@ class MiniCPMOPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     input_modalities = ("text", "image", "audio")
     supports_gradient_checkpointing = True
-    _no_split_modules = ["Qwen3DecoderLayer", "SiglipEncoderLayer", "MiniCPMOAudioEncoderLayer"]
+    _no_split_modules = ["Qwen3DecoderLayer", "SiglipEncoderLayer", "MiniCPMOAudioEncoderLayer", "LlamaDecoderLayer"]
     _skip_keys_device_placement = "cache"
     _supports_sdpa = True
     _supports_flash_attn = True
@@ -63,6 +71,10 @@ class MiniCPMOPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module):
         super()._init_weights(module)
+        std = self.config.initializer_range
+        if init_weight_norm_parametrization(module, std=std):
+            return
+        init_token2wav_weights(module, std)
         if isinstance(module, MiniCPMOResampler):
             module.reset_parameters_and_buffers(std=self.config.initializer_range)
         elif isinstance(module, MiniCPMOAudioPositionEmbedding):
@@ -129,8 +141,11 @@ class MiniCPMOModel(MiniCPMOPreTrainedModel):
         )
 
     def audio_slot_mask(self, input_ids: torch.LongTensor) -> torch.BoolTensor:
+        """Slots inside <|audio_start|> spans, plus the bare audio slots of duplex units (in a unit, not an image)."""
         c = self.config
-        return span_slot_mask(input_ids, (c.audio_start_token_id,), (c.audio_end_token_id,), c.unk_token_id)
+        in_audio_span = span_slot_mask(input_ids, (c.audio_start_token_id,), (c.audio_end_token_id,), c.unk_token_id)
+        in_unit = span_slot_mask(input_ids, (c.unit_start_token_id,), (c.unit_end_token_id,), c.unk_token_id)
+        return in_audio_span | (in_unit & ~self.image_slot_mask(input_ids))
 
     def embed_multimodal(
         self,
@@ -194,17 +209,72 @@ class MiniCPMOModel(MiniCPMOPreTrainedModel):
             )
 
 
-class MiniCPMOForConditionalGeneration(MiniCPMOPreTrainedModel, GenerationMixin):
-    """MiniCPM-o 4.5 with the LM head: `generate()` over text, images and audio."""
+class MiniCPMOForConditionalGeneration(
+    MiniCPMODuplexMixin, MiniCPMOSpeechOutputMixin, MiniCPMOPreTrainedModel, GenerationMixin
+):
+    """MiniCPM-o 4.5: `generate()` over text, images and audio; speech output through `tts` and `token2wav`.
+
+    `tts` (the speech-token decoder) is part of the official checkpoint. `token2wav` is not: the official release
+    ships it as separate files, so its weights are kept out of model.safetensors and stored in the `token2wav/`
+    subfolder (see `save_pretrained` / `from_pretrained` / `load_token2wav`).
+    """
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    _keys_to_ignore_on_load_missing = [r"^token2wav\."]
+    _keep_in_fp32_modules = ["token2wav"]
+    token2wav_subfolder = "token2wav"
+    token2wav_weights_loaded = False
 
     def __init__(self, config: MiniCPMOConfig):
         super().__init__(config)
         self.model = MiniCPMOModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.init_tts:
+            self.tts = MiniCPMOSpeechDecoder(config.tts_config)
+            token2wav_config = (
+                Token2WavConfig.from_dict(config.token2wav_config) if config.token2wav_config else Token2WavConfig()
+            )
+            self.token2wav = MiniCPMOToken2Wav(token2wav_config)
         self.post_init()
         self._keep_existing_no_split_modules()
+        if config.init_tts:
+            self._keys_to_ignore_on_save = {f"token2wav.{k}" for k in self.token2wav.state_dict()}
+
+    # --- token2wav weights live next to the checkpoint, not inside it --------------------------------------------
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if getattr(self, "token2wav", None) is not None:
+            self.save_token2wav(os.path.join(save_directory, self.token2wav_subfolder))
+
+    def save_token2wav(self, directory) -> None:
+        os.makedirs(directory, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.token2wav.state_dict().items()}
+        safetensors.torch.save_file(state, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(directory, "config.json"), "w") as handle:
+            json.dump(self.token2wav.config.to_dict(), handle, indent=2, sort_keys=True)
+
+    def load_token2wav(self, directory) -> None:
+        """Load token2wav weights (a folder written by save_pretrained or `python -m minicpmo.convert_token2wav`)."""
+        path = os.path.join(directory, "model.safetensors")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no token2wav weights at {path}")
+        state = safetensors.torch.load_file(path)
+        self.token2wav.load_state_dict(state, strict=False)
+        missing = set(self.token2wav.state_dict()) - set(state)
+        unexpected = set(state) - set(self.token2wav.state_dict())
+        if unexpected:
+            raise ValueError(f"unexpected token2wav weights in {path}: {sorted(unexpected)[:5]}")
+        self.token2wav_weights_loaded = not missing
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        output = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        model = output[0] if isinstance(output, tuple) else output
+        folder = os.path.join(str(pretrained_model_name_or_path), cls.token2wav_subfolder)
+        model.token2wav_weights_loaded = False
+        if getattr(model, "token2wav", None) is not None and os.path.isdir(folder):
+            model.load_token2wav(folder)
+        return output
 
     def get_input_embeddings(self):
         return self.model.get_input_embeddings()

@@ -80,6 +80,15 @@ def _split_per_sample(items: Any, counts: list[int], is_item, modality: str, pat
     return per_sample
 
 
+def _stack_strips(strips: list[np.ndarray]) -> np.ndarray:
+    """Zero-pad patch strips (3, p, L*p) of different lengths into one [N, 3, p, Lmax*p] array."""
+    max_len = max(strip.shape[-1] for strip in strips)
+    pixel_values = np.zeros((len(strips), *strips[0].shape[:2], max_len), dtype=np.float32)
+    for row, strip in enumerate(strips):
+        pixel_values[row, :, :, : strip.shape[-1]] = strip
+    return pixel_values
+
+
 class MiniCPMOProcessor(ProcessorMixin):
     """Turns MiniCPM-o prompts (or chat messages) plus images and 16 kHz audio into model inputs.
 
@@ -227,17 +236,20 @@ class MiniCPMOProcessor(ProcessorMixin):
             data["input_features"] = features["input_features"]
             data["input_features_mask"] = features["input_features_mask"]
         if strips:
-            max_len = max(strip.shape[-1] for strip in strips)
-            pixel_values = np.zeros((len(strips), *strips[0].shape[:2], max_len), dtype=np.float32)
-            for row, strip in enumerate(strips):
-                pixel_values[row, :, :, : strip.shape[-1]] = strip
-            data["pixel_values"] = pixel_values
+            data["pixel_values"] = _stack_strips(strips)
             data["tgt_sizes"] = np.concatenate(tgt_sizes, axis=0).astype(np.int64)
 
         input_ids = self._tokenize(expanded_texts, add_special_tokens, max_length)
         self._check_slot_groups(input_ids, slices_per_sample, audio_counts)
         data["input_ids"], data["attention_mask"] = self._pad(input_ids, padding_side)
         return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def frame_inputs(self, frame, max_slice_nums: int = 1) -> BatchFeature:
+        """One duplex video frame -> pixel_values [n, 3, p, L*p] and tgt_sizes [n, 2] tensors (448-class, no slicing)."""
+        sliced = self.image_processor.preprocess([load_image(frame)], max_slice_nums=max_slice_nums)
+        data = {"pixel_values": _stack_strips(sliced["pixel_values"][0]),
+                "tgt_sizes": np.asarray(sliced["tgt_sizes"][0], dtype=np.int64)}
+        return BatchFeature(data=data, tensor_type="pt")
 
     def _tokenize(self, texts: list[str], add_special_tokens: bool, max_length: int | None) -> list[list[int]]:
         listen = self.special_tokens.listen

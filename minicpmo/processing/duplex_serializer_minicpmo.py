@@ -1,0 +1,489 @@
+"""Training-side serializer of a duplex (Omni-Flow) session: time-aligned streams -> one token sequence of units.
+
+Input is a recorded session on one clock: the user's 16 kHz audio, camera frames with their times, the
+assistant's text tokens with start/end times and the assistant's 25 Hz speech codes. Output is the exact
+sequence the live loop builds (see duplex_layout_minicpmo), with labels on the generated part of every unit.
+
+Rules (paper "TAIL", spec sections 6 and 8):
+- Units are `unit_seconds` long; unit k covers [k*U, (k+1)*U) and shows the latest frame with time <= k*U.
+- Text: a token whose start time falls in unit k is emitted in unit k. A unit holds at most
+  `max_speak_tokens_per_unit` decision ids, `<|speak|>` and `<|chunk_eos|>` included (the official 20 decode
+  steps), so at most max-2 text ids (`<|turn_eos|>` counts as one). Tokens that do not fit wait, in order, for
+  the next unit; so do tokens that start inside the first `force_listen_count` units (those are always listen
+  units). A unit never mixes two turns.
+- Turns: a new turn starts where the gap between one token's end and the next token's start is >= `turn_gap_s`.
+- Speech: token j owns the codes from its start to the next token's start (the turn's last token: to its end).
+  After unit k, the speech of the turn's emitted tokens is released except that of the last `lookahead_tokens`
+  of them (bounded look-ahead: their speech is deferred until more text is known); once the turn's last token
+  has been emitted, everything is released. Each speaking unit takes the next at most `codes_per_unit` released
+  codes (25 = 1 s), first in first out.
+- A turn stays open (speaking units, possibly with no text) until its text and all of its speech have been
+  emitted; the unit that completes it carries `<|turn_eos|>`. Units outside any turn are listen units.
+- If text or speech is still pending after the recorded audio ends, silent units (zero audio) are appended.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers.feature_extraction_utils import BatchFeature
+
+from .duplex_layout_minicpmo import (
+    DEFAULT_DUPLEX_SYSTEM_TEXT,
+    IMAGE_SLOTS_PER_FRAME,
+    DuplexTokens,
+    duplex_slot_masks,
+    system_prefix_ids,
+    unit_decision_ids,
+    unit_input_ids,
+)
+from .feature_extraction_minicpmo import (
+    SAMPLING_RATE,
+    UnsupportedSamplingRateError,
+    audio_token_count,
+    validate_waveform,
+)
+
+
+SPEECH_CODE_RATE = 25  # S3 speech codes per second
+SPEECH_CODEBOOK_SIZE = 6561  # valid codes are 0..6560 (6561 is the TTS end-of-speech id)
+IGNORE_INDEX = -100
+
+
+class DuplexSampleError(ValueError):
+    """A duplex training sample that cannot be serialized; the message names the problem."""
+
+
+class InvalidTimedTokenError(DuplexSampleError):
+    """An assistant token with a bad time span (end < start, negative or non-finite) or a layout token id."""
+
+
+class UnsortedTokensError(DuplexSampleError):
+    """Assistant tokens are not sorted by start time."""
+
+
+class TimelineMismatchError(DuplexSampleError):
+    """Tokens or frames lie outside the recorded audio, or the unit length does not fit the 16 kHz audio."""
+
+
+class SpeechCodesMismatchError(DuplexSampleError):
+    """Speech codes that do not cover the assistant's tokens, hold invalid values, or come without tokens."""
+
+
+@dataclass(frozen=True)
+class TimedToken:
+    """One assistant text token and the time span (seconds, session clock) in which it is spoken."""
+
+    token_id: int
+    start_s: float
+    end_s: float
+
+
+@dataclass
+class DuplexSample:
+    """A recorded duplex session on one clock (seconds from the session start).
+
+    `speech_codes` are the assistant's 25 Hz speech codes; code i covers
+    [speech_codes_start_s + i/25, speech_codes_start_s + (i+1)/25). None trains text only.
+    """
+
+    audio_16k: Any
+    frames: list[tuple[float, Image.Image]] = field(default_factory=list)
+    assistant_tokens: list[TimedToken] = field(default_factory=list)
+    speech_codes: Sequence[int] | np.ndarray | None = None
+    speech_codes_start_s: float = 0.0
+    system_prompt: str = DEFAULT_DUPLEX_SYSTEM_TEXT
+    ref_audio: Any = None
+    sampling_rate: int = SAMPLING_RATE
+
+
+@dataclass
+class DuplexUnit:
+    """Where one unit sits in the sequence and what it carries.
+
+    Positions index `DuplexSerialized.input_ids`; `end_pos` is exclusive (one past `</unit>`).
+    Token indices index `DuplexSample.assistant_tokens`.
+    """
+
+    index: int
+    start_s: float
+    start_pos: int
+    decision_pos: int
+    end_pos: int
+    has_frame: bool
+    speak: bool
+    forced_listen: bool
+    end_of_turn: bool
+    turn_index: int | None
+    text_ids: list[int]
+    text_token_indices: list[int]
+    tts_condition_positions: list[int]  # text and <|turn_eos|> positions whose LLM hidden states feed the TTS
+    speech_codes: list[int]
+    code_token_indices: list[int]  # for each code, the index of the token whose speech it is
+
+
+@dataclass
+class DuplexSerialized:
+    """A serialized session. `input_ids`, `labels` and the slot masks have shape [L]."""
+
+    input_ids: torch.LongTensor
+    labels: torch.LongTensor
+    image_slot_mask: torch.BoolTensor
+    audio_slot_mask: torch.BoolTensor
+    system_length: int
+    units: list[DuplexUnit]
+    audio_chunks: list[np.ndarray]  # one float32 16 kHz array per unit, the last ones zero-padded
+    unit_frames: list[Image.Image | None]
+    ref_audio: np.ndarray | None
+    unit_seconds: float
+
+    def model_inputs(self, processor, return_tensors: str | None = "pt") -> BatchFeature:
+        """Encoder inputs for a model forward of this one session (batch of 1); see `collate_duplex`."""
+        return collate_duplex([self], processor, return_tensors=return_tensors)
+
+
+def _check_unit_geometry(unit_seconds: float, codes_per_unit: int | None) -> tuple[int, int, int]:
+    """(samples per unit, audio slots per unit, codes per unit)."""
+    if not (isinstance(unit_seconds, (int, float)) and math.isfinite(unit_seconds) and unit_seconds > 0):
+        raise TimelineMismatchError(f"unit_seconds must be a positive number, got {unit_seconds!r}")
+    samples = unit_seconds * SAMPLING_RATE
+    if abs(samples - round(samples)) > 1e-6:
+        raise TimelineMismatchError(f"unit_seconds={unit_seconds} is not a whole number of 16 kHz samples")
+    samples = int(round(samples))
+    slots = audio_token_count(samples)
+    if slots < 1:
+        raise TimelineMismatchError(f"unit_seconds={unit_seconds} is too short to yield one audio token")
+    if codes_per_unit is None:
+        codes = unit_seconds * SPEECH_CODE_RATE
+        if abs(codes - round(codes)) > 1e-6:
+            raise TimelineMismatchError(
+                f"unit_seconds={unit_seconds} is not a whole number of 25 Hz speech codes; pass codes_per_unit"
+            )
+        codes_per_unit = int(round(codes))
+    if int(codes_per_unit) < 1:
+        raise DuplexSampleError(f"codes_per_unit must be >= 1, got {codes_per_unit}")
+    return samples, slots, int(codes_per_unit)
+
+
+def _check_tokens(tokens: Sequence[TimedToken], layout: DuplexTokens, duration_s: float) -> None:
+    previous_start = -math.inf
+    for index, token in enumerate(tokens):
+        if not isinstance(token, TimedToken):
+            raise InvalidTimedTokenError(f"assistant_tokens[{index}] must be a TimedToken, got {type(token).__name__}")
+        start, end = float(token.start_s), float(token.end_s)
+        if not (math.isfinite(start) and math.isfinite(end)) or start < 0:
+            raise InvalidTimedTokenError(f"assistant_tokens[{index}] has a bad time span ({start}, {end})")
+        if end < start:
+            raise InvalidTimedTokenError(f"assistant_tokens[{index}] ends before it starts ({start} > {end})")
+        if start < previous_start:
+            raise UnsortedTokensError(
+                f"assistant_tokens are not sorted by start time: token {index} starts at {start} s, "
+                f"before token {index - 1} ({previous_start} s)"
+            )
+        if int(token.token_id) in layout.layout_ids:
+            raise InvalidTimedTokenError(
+                f"assistant_tokens[{index}] is the layout token id {token.token_id}; turn/chunk markers are added "
+                "by the serializer"
+            )
+        if start >= duration_s:
+            raise TimelineMismatchError(
+                f"assistant_tokens[{index}] starts at {start} s, after the end of the {duration_s:.3f} s of audio"
+            )
+        previous_start = start
+
+
+def _check_frames(frames, duration_s: float) -> list[tuple[float, Image.Image]]:
+    checked = []
+    for index, entry in enumerate(frames):
+        if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[1], Image.Image)):
+            raise DuplexSampleError(f"frames[{index}] must be a (time_s, PIL.Image) pair")
+        time_s = float(entry[0])
+        if not math.isfinite(time_s) or time_s < 0 or time_s >= duration_s:
+            raise TimelineMismatchError(
+                f"frames[{index}] has time {time_s} s, outside the {duration_s:.3f} s of audio"
+            )
+        checked.append((time_s, entry[1]))
+    return sorted(checked, key=lambda pair: pair[0])
+
+
+def _split_turns(tokens: Sequence[TimedToken], turn_gap_s: float) -> list[int]:
+    """Turn index of every token: a new turn starts after a silence of at least `turn_gap_s`."""
+    turns, turn = [], 0
+    for index, token in enumerate(tokens):
+        if index and token.start_s - tokens[index - 1].end_s >= turn_gap_s:
+            turn += 1
+        turns.append(turn)
+    return turns
+
+
+def _code_index(time_s: float, codes_start_s: float) -> int:
+    return int(math.floor((time_s - codes_start_s) * SPEECH_CODE_RATE + 0.5))
+
+
+def _code_ownership(
+    tokens: Sequence[TimedToken], turns: list[int], codes: np.ndarray | None, codes_start_s: float
+) -> list[tuple[int, int]]:
+    """[first, end) code indices of each token's speech (all empty without codes)."""
+    if codes is None:
+        return [(0, 0)] * len(tokens)
+    spans = []
+    for index, token in enumerate(tokens):
+        first = _code_index(token.start_s, codes_start_s)
+        last_of_turn = index + 1 == len(tokens) or turns[index + 1] != turns[index]
+        end = _code_index(token.end_s if last_of_turn else tokens[index + 1].start_s, codes_start_s)
+        spans.append((first, max(first, end)))
+    if spans:
+        low, high = spans[0][0], max(end for _, end in spans)
+        if low < 0 or high > len(codes):
+            raise SpeechCodesMismatchError(
+                f"speech codes cover [{codes_start_s:.3f}, {codes_start_s + len(codes) / SPEECH_CODE_RATE:.3f}) s "
+                f"({len(codes)} codes) but the assistant speaks from {tokens[0].start_s:.3f} s to "
+                f"{max(t.end_s for t in tokens):.3f} s"
+            )
+    return spans
+
+
+def _check_codes(codes, has_tokens: bool) -> np.ndarray | None:
+    if codes is None:
+        return None
+    array = np.asarray(codes)
+    if array.ndim != 1 or (array.size and not np.issubdtype(array.dtype, np.integer)):
+        raise SpeechCodesMismatchError(f"speech_codes must be a 1-D integer sequence, got shape {array.shape}")
+    if array.size and (array.min() < 0 or array.max() >= SPEECH_CODEBOOK_SIZE):
+        raise SpeechCodesMismatchError(
+            f"speech codes must lie in [0, {SPEECH_CODEBOOK_SIZE}), got values in [{array.min()}, {array.max()}]"
+        )
+    if array.size and not has_tokens:
+        raise SpeechCodesMismatchError("speech codes were given but there are no assistant tokens they could voice")
+    return array.astype(np.int64)
+
+
+@dataclass
+class _TurnState:
+    """Speech bookkeeping of the open turn."""
+
+    turn: int
+    token_indices: list[int]  # all tokens of the turn, in order
+    emitted: int = 0  # how many of them have been emitted as text
+    code_cursor: int = 0  # next code index to emit
+
+
+def _plan_units(
+    tokens: Sequence[TimedToken],
+    turns: list[int],
+    ownership: list[tuple[int, int]],
+    n_audio_units: int,
+    unit_seconds: float,
+    text_capacity: int,
+    codes_per_unit: int,
+    lookahead_tokens: int,
+    force_listen_count: int,
+) -> list[dict]:
+    """Decide, unit by unit, listen/speak, the text token indices, end of turn and the emitted code range."""
+    tail_unit = [int(math.floor(token.start_s / unit_seconds + 1e-9)) for token in tokens]
+    turn_members: dict[int, list[int]] = {}
+    for index, turn in enumerate(turns):
+        turn_members.setdefault(turn, []).append(index)
+    queue, next_token, state, plans = deque(), 0, None, []
+    max_units = n_audio_units + len(tokens) + sum(end - start for start, end in ownership) // codes_per_unit + 4
+    k = 0
+    while k < n_audio_units or queue or next_token < len(tokens) or state is not None:
+        if k >= max_units:  # cannot happen: every speaking unit emits text, codes or ends its turn
+            raise DuplexSampleError("duplex serialization did not converge; please report this sample")
+        while next_token < len(tokens) and tail_unit[next_token] <= k:
+            queue.append(next_token)
+            next_token += 1
+        forced = k < force_listen_count
+        if forced or (state is None and not queue):
+            plans.append(dict(speak=False, forced=forced, text=[], end_of_turn=False, turn=None, codes=(0, 0)))
+            k += 1
+            continue
+        if state is None:
+            turn = turns[queue[0]]
+            members = turn_members[turn]
+            state = _TurnState(turn, members, code_cursor=ownership[members[0]][0])
+        text = []
+        while queue and len(text) < text_capacity and turns[queue[0]] == state.turn:
+            text.append(queue.popleft())
+        state.emitted += len(text)
+        text_done = state.emitted == len(state.token_indices)
+        turn_code_end = ownership[state.token_indices[-1]][1]
+        if text_done:
+            released = turn_code_end
+        else:
+            held_from = state.emitted - lookahead_tokens  # index (in the turn) of the first held-back token
+            released = ownership[state.token_indices[held_from]][0] if held_from > 0 else state.code_cursor
+        take = max(0, min(codes_per_unit, released - state.code_cursor))
+        codes = (state.code_cursor, state.code_cursor + take)
+        state.code_cursor += take
+        end_of_turn = text_done and state.code_cursor >= turn_code_end and len(text) < text_capacity
+        plans.append(dict(speak=True, forced=False, text=text, end_of_turn=end_of_turn, turn=state.turn, codes=codes))
+        if end_of_turn:
+            state = None
+        k += 1
+    return plans
+
+
+def serialize_duplex(
+    sample: DuplexSample,
+    tokenizer,
+    unit_seconds: float = 1.0,
+    max_speak_tokens_per_unit: int = 20,
+    lookahead_tokens: int = 2,
+    codes_per_unit: int | None = None,
+    force_listen_count: int = 0,
+    turn_gap_s: float = 1.0,
+    image_slots: int = IMAGE_SLOTS_PER_FRAME,
+) -> DuplexSerialized:
+    """Serialize a recorded duplex session into the official unit layout with TAIL text/speech assignment.
+
+    `codes_per_unit` defaults to 25 per second of unit. `lookahead_tokens` bounds how many of the latest text
+    tokens have their speech deferred to a later unit. Labels equal `input_ids` on `<|listen|>`, `<|speak|>`,
+    text, `<|turn_eos|>` and `<|chunk_eos|>` and are -100 elsewhere (system prompt, slots, `<unit>`, `</unit>`).
+    """
+    if not isinstance(sample, DuplexSample):
+        raise DuplexSampleError(f"sample must be a DuplexSample, got {type(sample).__name__}")
+    if int(sample.sampling_rate) != SAMPLING_RATE:
+        raise UnsupportedSamplingRateError(
+            f"duplex audio is given at {sample.sampling_rate} Hz but MiniCPM-o needs {SAMPLING_RATE} Hz; resample it"
+        )
+    if int(max_speak_tokens_per_unit) < 3:
+        raise DuplexSampleError(
+            f"max_speak_tokens_per_unit must be >= 3 (<|speak|>, one text token, <|chunk_eos|>), got "
+            f"{max_speak_tokens_per_unit}"
+        )
+    if int(lookahead_tokens) < 0 or int(force_listen_count) < 0 or not turn_gap_s > 0:
+        raise DuplexSampleError("lookahead_tokens and force_listen_count must be >= 0 and turn_gap_s > 0")
+    layout = DuplexTokens.from_tokenizer(tokenizer)
+    unit_samples, audio_slots, codes_per_unit = _check_unit_geometry(unit_seconds, codes_per_unit)
+    audio = validate_waveform(sample.audio_16k, name="audio_16k")
+    duration_s = audio.shape[0] / SAMPLING_RATE
+    tokens = list(sample.assistant_tokens)
+    _check_tokens(tokens, layout, duration_s)
+    frames = _check_frames(sample.frames, duration_s)
+    codes = _check_codes(sample.speech_codes, bool(tokens))
+    ref_audio = None if sample.ref_audio is None else validate_waveform(sample.ref_audio, name="ref_audio")
+
+    turns = _split_turns(tokens, float(turn_gap_s))
+    ownership = _code_ownership(tokens, turns, codes, float(sample.speech_codes_start_s))
+    n_audio_units = math.ceil(audio.shape[0] / unit_samples)
+    plans = _plan_units(
+        tokens, turns, ownership, n_audio_units, float(unit_seconds), int(max_speak_tokens_per_unit) - 2,
+        codes_per_unit, int(lookahead_tokens), int(force_listen_count),
+    )
+
+    n_ref_slots = 0 if ref_audio is None else audio_token_count(ref_audio.shape[0])
+    input_ids = system_prefix_ids(tokenizer, sample.system_prompt, n_ref_slots, layout)
+    system_length = len(input_ids)
+    supervised = [False] * system_length
+    units, chunks, unit_frames = [], [], []
+    padded = np.zeros(len(plans) * unit_samples, dtype=np.float32)
+    padded[: audio.shape[0]] = audio
+    code_owner = np.full(0 if codes is None else len(codes), -1, dtype=np.int64)
+    for index, (first, end) in enumerate(ownership):
+        code_owner[first:end] = index
+    frame_cursor = 0
+    for k, plan in enumerate(plans):
+        start_s = k * float(unit_seconds)
+        while frame_cursor < len(frames) and frames[frame_cursor][0] <= start_s + 1e-9:
+            frame_cursor += 1
+        frame = frames[frame_cursor - 1][1] if frame_cursor else None
+        text_ids = [int(tokens[index].token_id) for index in plan["text"]]
+        head = unit_input_ids(layout, frame is not None, audio_slots, image_slots)
+        decision = unit_decision_ids(layout, plan["speak"], text_ids, plan["end_of_turn"])
+        start_pos = len(input_ids)
+        decision_pos = start_pos + len(head)
+        input_ids += head + decision + [layout.unit_end]
+        supervised += [False] * len(head) + [True] * len(decision) + [False]
+        n_conditions = len(text_ids) + int(plan["end_of_turn"])
+        first_code, end_code = plan["codes"]
+        units.append(
+            DuplexUnit(
+                index=k,
+                start_s=start_s,
+                start_pos=start_pos,
+                decision_pos=decision_pos,
+                end_pos=len(input_ids),
+                has_frame=frame is not None,
+                speak=plan["speak"],
+                forced_listen=plan["forced"],
+                end_of_turn=plan["end_of_turn"],
+                turn_index=plan["turn"],
+                text_ids=text_ids,
+                text_token_indices=list(plan["text"]),
+                tts_condition_positions=list(range(decision_pos + 1, decision_pos + 1 + n_conditions)),
+                speech_codes=[] if codes is None else codes[first_code:end_code].tolist(),
+                code_token_indices=code_owner[first_code:end_code].tolist(),
+            )
+        )
+        chunks.append(padded[k * unit_samples : (k + 1) * unit_samples].copy())
+        unit_frames.append(frame)
+
+    ids_tensor = torch.tensor(input_ids, dtype=torch.long)
+    labels = torch.where(torch.tensor(supervised), ids_tensor, torch.full_like(ids_tensor, IGNORE_INDEX))
+    image_mask, audio_mask = duplex_slot_masks(input_ids, layout)
+    return DuplexSerialized(
+        input_ids=ids_tensor,
+        labels=labels,
+        image_slot_mask=torch.from_numpy(image_mask),
+        audio_slot_mask=torch.from_numpy(audio_mask),
+        system_length=system_length,
+        units=units,
+        audio_chunks=chunks,
+        unit_frames=unit_frames,
+        ref_audio=ref_audio,
+        unit_seconds=float(unit_seconds),
+    )
+
+
+def collate_duplex(
+    items: Sequence[DuplexSerialized], processor, return_tensors: str | None = "pt", pad_token_id: int | None = None
+) -> BatchFeature:
+    """Batch serialized sessions (right padded) with their encoder inputs, ready for a model forward.
+
+    Returns `input_ids`, `attention_mask`, `labels` [B, L_max]; `input_features` [N_pieces, 80, T] and
+    `input_features_mask` [N_pieces, T] with, per session in order, the reference audio (if any, in 30 s pieces)
+    and then every unit chunk as its own piece (1 s -> 100 mel frames -> 10 audio tokens); `pixel_values`
+    [N_frames, 3, 14, L*14] and `tgt_sizes` [N_frames, 2] for the unit frames as single 448-class thumbnails
+    (max_slice_nums=1, no image id). Features follow the slot reading order, row-major over the batch.
+    """
+    if not items:
+        raise DuplexSampleError("collate_duplex needs at least one serialized session")
+    if return_tensors not in ("pt", None):
+        raise DuplexSampleError(f"collate_duplex returns torch tensors; return_tensors={return_tensors!r} unsupported")
+    if pad_token_id is None:
+        pad_token_id = processor.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    longest = max(int(item.input_ids.shape[0]) for item in items)
+    input_ids = torch.full((len(items), longest), int(pad_token_id), dtype=torch.long)
+    labels = torch.full((len(items), longest), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(items), longest), dtype=torch.long)
+    waveforms, frames = [], []
+    for row, item in enumerate(items):
+        length = int(item.input_ids.shape[0])
+        input_ids[row, :length] = item.input_ids
+        labels[row, :length] = item.labels
+        attention_mask[row, :length] = 1
+        if item.ref_audio is not None:
+            waveforms.append(item.ref_audio)
+        waveforms.extend(item.audio_chunks)
+        frames.extend(frame for frame in item.unit_frames if frame is not None)
+    data: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    features = processor.feature_extractor(waveforms)
+    data["input_features"] = torch.from_numpy(np.asarray(features["input_features"]))
+    data["input_features_mask"] = torch.from_numpy(np.asarray(features["input_features_mask"]))
+    if frames:
+        sliced = processor.image_processor.preprocess(frames, max_slice_nums=1)
+        strips = [strip for per_image in sliced["pixel_values"] for strip in per_image]
+        width = max(strip.shape[-1] for strip in strips)
+        pixel_values = np.zeros((len(strips), *strips[0].shape[:2], width), dtype=np.float32)
+        for index, strip in enumerate(strips):
+            pixel_values[index, :, :, : strip.shape[-1]] = strip
+        data["pixel_values"] = torch.from_numpy(pixel_values)
+        data["tgt_sizes"] = torch.from_numpy(np.concatenate(sliced["tgt_sizes"], axis=0).astype(np.int64))
+    return BatchFeature(data=data)
