@@ -19,6 +19,12 @@ from .processing.media_loading_minicpmo import FRAME_GRID_FPS, load_audio, read_
 
 VIDEO_SUFFIXES = {".mp4", ".mkv", ".mov", ".webm", ".avi"}
 INPUT_RATE, OUTPUT_RATE = 16000, 24000
+# Audio codecs pad a few ms; a tail shorter than this does not open one more unit.
+UNIT_TAIL_TOLERANCE = 1600
+
+
+def unit_count(num_samples: int) -> int:
+    return max(1, int(np.ceil((num_samples - UNIT_TAIL_TOLERANCE) / INPUT_RATE)))
 
 
 @dataclass
@@ -36,12 +42,12 @@ def read_recording(path: str | Path) -> tuple[np.ndarray, list]:
         frames, audio, fps = read_video_file(str(path))
         if audio is None:
             audio = np.zeros(int(len(frames) / fps * INPUT_RATE), dtype=np.float32)
-        seconds = int(np.ceil(audio.shape[0] / INPUT_RATE))
+        seconds = unit_count(audio.shape[0])
         step = int(round(fps or FRAME_GRID_FPS))
         unit_frames = [frames[min(k * step, len(frames) - 1)] for k in range(seconds)]
         return audio.astype(np.float32), unit_frames
     audio = load_audio(str(path))
-    return audio, [None] * int(np.ceil(audio.shape[0] / INPUT_RATE))
+    return audio, [None] * unit_count(audio.shape[0])
 
 
 def replay(model, processor, audio: np.ndarray, frames: list, system_prompt: str, ref_audio=None,
@@ -49,7 +55,8 @@ def replay(model, processor, audio: np.ndarray, frames: list, system_prompt: str
     """Run the session unit by unit; speech is laid down at the time of the unit that produced it."""
     n_units = len(frames)
     padded = np.zeros(n_units * INPUT_RATE, dtype=np.float32)
-    padded[: audio.shape[0]] = audio
+    kept = min(audio.shape[0], padded.shape[0])
+    padded[:kept] = audio[:kept]
     output = np.zeros(int(round(audio.shape[0] / INPUT_RATE * OUTPUT_RATE)), dtype=np.float32)
     events = []
     session = model.duplex_session(processor, system_prompt=system_prompt, ref_audio=ref_audio, **controls)

@@ -385,3 +385,19 @@ def test_save_load_round_trip(processor, tmp_path):
     for key in before:
         assert torch.equal(before[key], after[key])
     assert len(loaded.tokenizer) == 151748
+
+
+def test_per_sample_lists_of_audio_paths(tmp_path):
+    import soundfile
+
+    from minicpmo import MiniCPMOProcessor
+
+    paths = []
+    for k in range(2):
+        path = tmp_path / f"a{k}.wav"
+        soundfile.write(path, (0.1 * np.sin(np.arange(16000 * (k + 1)) / 10)).astype(np.float32), 16000)
+        paths.append(str(path))
+    texts = ["<audio>./</audio> one", "<audio>./</audio> two"]
+    out = MiniCPMOProcessor.from_defaults()(text=texts, audio=[[paths[0]], [paths[1]]], return_tensors="pt")
+    assert out["input_features"].shape[0] == 2
+    assert out["input_features_mask"].sum(-1).tolist() == [100, 200]

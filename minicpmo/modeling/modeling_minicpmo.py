@@ -80,6 +80,13 @@ class MiniCPMOPreTrainedModel(PreTrainedModel):
         elif isinstance(module, MiniCPMOAudioPositionEmbedding):
             module.reset_parameters()
 
+    def _share_attn_implementation(self) -> None:
+        """Towers built from sub-configs follow the model's attention implementation unless set explicitly."""
+        chosen = self.config._attn_implementation or "sdpa"
+        for sub in (self.config.vision_config, self.config.audio_config, self.config.tts_config):
+            if sub is not None and sub._attn_implementation is None:
+                sub._attn_implementation = chosen
+
     def _keep_existing_no_split_modules(self) -> None:
         """FSDP auto-wrap and device_map require every listed class to exist in the built model."""
         present = {type(m).__name__ for m in self.modules()}
@@ -91,6 +98,7 @@ class MiniCPMOModel(MiniCPMOPreTrainedModel):
 
     def __init__(self, config: MiniCPMOConfig):
         super().__init__(config)
+        self._share_attn_implementation()
         self.language_model = Qwen3Model(config)
         if config.init_vision:
             self.vpm = MiniCPMOVisionTransformer(config.vision_config)
@@ -227,6 +235,7 @@ class MiniCPMOForConditionalGeneration(
 
     def __init__(self, config: MiniCPMOConfig):
         super().__init__(config)
+        self._share_attn_implementation()
         self.model = MiniCPMOModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.init_tts:

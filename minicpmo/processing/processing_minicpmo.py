@@ -45,7 +45,9 @@ _FORWARDED_KWARG_GROUPS = ("text_kwargs", "images_kwargs", "audio_kwargs", "vide
 def _is_waveform(value: Any) -> bool:
     if isinstance(value, (np.ndarray, str, os.PathLike)) or type(value).__module__.startswith("torch"):
         return True
-    return isinstance(value, (list, tuple)) and len(value) > 0 and np.isscalar(value[0])
+    # A list of numbers is one waveform; a list of paths is a list of items.
+    return (isinstance(value, (list, tuple)) and len(value) > 0 and np.isscalar(value[0])
+            and not isinstance(value[0], (str, bytes)))
 
 
 def _split_per_sample(items: Any, counts: list[int], is_item, modality: str, pattern: str) -> list[list[Any]]:
