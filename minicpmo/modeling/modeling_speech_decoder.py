@@ -8,6 +8,9 @@ text token, cond_i = emb_text(id_i) + P(h_i) with P an MLP over the LLM's final 
 - `step`: half-duplex streaming, one text chunk at a time, keeping the KV cache ("full_attention");
 - `generate_unit_codes`: duplex, exactly 25 codes (1 s of audio) per speaking unit, cache kept across a turn.
 
+Training (teacher forcing) runs the same sequences in one causal pass: `speech_loss` for the turn-based layout,
+`duplex_speech_loss` for a duplex turn made of units, both on top of `teacher_forced_forward` (padded batches).
+
 Sampling follows the official order: temperature, repetition penalty over a window of recent codes, top-p then
 top-k (each keeps at least 3 candidates), EOS masked until a minimum number of codes, multinomial.
 """
@@ -39,6 +42,42 @@ class SpeechDecoderInputError(ValueError):
 
 class SpeechSamplingError(ValueError):
     """Sampling settings that cannot drive code generation."""
+
+
+SPEECH_IGNORE_INDEX = -100
+
+
+@dataclass
+class SpeechSegment:
+    """One conditioned piece of a teacher-forced speech sequence: a whole turn, or one duplex unit.
+
+    Laid out as [cond(text_ids, llm_hidden) (+ emb_text(text_eos) if `text_eos`), emb_text(audio_bos), codes...]:
+    the audio_bos position predicts codes[0], code i predicts code i+1, and the last code predicts EOS when
+    `end_with_eos` (EOS itself is never an input, as in generation). `normalize=None` follows the config.
+    Shapes: text_ids [n] (LLM ids), llm_hidden [n, llm_dim], codes [m] (values in [0, num_audio_tokens - 1)).
+    """
+
+    text_ids: torch.Tensor
+    llm_hidden: torch.Tensor
+    codes: torch.Tensor
+    text_eos: bool = False
+    end_with_eos: bool = True
+    normalize: bool | None = None
+
+
+@dataclass
+class SpeechLossOutput:
+    """Teacher-forced result: `loss` (mean cross-entropy over the code targets; 0 when there are none),
+    `logits` [B, S, num_audio_tokens], `labels` [B, S] (-100 off target), `attention_mask` [B, S]."""
+
+    loss: torch.Tensor
+    logits: torch.Tensor
+    labels: torch.Tensor
+    attention_mask: torch.Tensor
+
+    @property
+    def num_targets(self) -> int:
+        return int((self.labels != SPEECH_IGNORE_INDEX).sum())
 
 
 @dataclass
@@ -431,13 +470,118 @@ class MiniCPMOSpeechDecoder(nn.Module):
             next_state = replace(state, codes=state.codes + codes)
         return torch.tensor(codes, dtype=torch.long, device=self.device), next_state
 
+    # --- training (teacher forcing) ----------------------------------------------------------------------------
+    def _segment_embeds(self, segment: SpeechSegment) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embeds [S, hidden], labels [S]) of one segment, laid out as `SpeechSegment` describes."""
+        text_ids = torch.as_tensor(segment.text_ids, device=self.device).long()
+        codes = torch.as_tensor(segment.codes, device=self.device).long()
+        if text_ids.dim() != 1 or codes.dim() != 1:
+            raise SpeechDecoderInputError(
+                f"a speech segment takes text_ids [n] and codes [m], got {tuple(text_ids.shape)} and {tuple(codes.shape)}"
+            )
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.eos_code):
+            raise SpeechDecoderInputError(
+                f"speech codes must lie in [0, {self.eos_code}) (EOS is added by the loss), got values in "
+                f"[{int(codes.min())}, {int(codes.max())}]"
+            )
+        parts = [self.condition(text_ids[None], segment.llm_hidden[None], segment.normalize)[0]]
+        if segment.text_eos:
+            parts.append(self._text_token_embedding(self.config.text_eos_token_id)[0])
+        parts.append(self._text_token_embedding(self.config.audio_bos_token_id)[0])
+        parts.append(self.emb_code[0](codes))
+        embeds = torch.cat(parts, dim=0)
+        prefix = embeds.shape[0] - codes.numel() - 1  # positions before audio_bos
+        labels = torch.full((embeds.shape[0],), SPEECH_IGNORE_INDEX, dtype=torch.long, device=self.device)
+        labels[prefix : prefix + codes.numel()] = codes
+        if segment.end_with_eos:
+            labels[-1] = self.eos_code
+        return embeds, labels
+
+    def teacher_forced_forward(self, sequences: list[list[SpeechSegment]]) -> SpeechLossOutput:
+        """Batched teacher forcing: each sequence is its segments concatenated into one causal sequence from
+        position 0 (the KV of earlier segments is visible to later ones, as in cached generation); sequences are
+        right padded. Returns the code logits at every position and the cross-entropy over the code targets."""
+        if self.config.num_vq != 1:
+            raise SpeechDecoderInputError(f"speech training supports num_vq == 1, got {self.config.num_vq}")
+        if not sequences or any(not segments for segments in sequences):
+            raise SpeechDecoderInputError("teacher_forced_forward needs at least one sequence, each with a segment")
+        built = []
+        for segments in sequences:
+            pieces = [self._segment_embeds(segment) for segment in segments]
+            built.append((torch.cat([p[0] for p in pieces]), torch.cat([p[1] for p in pieces])))
+        longest = max(embeds.shape[0] for embeds, _ in built)
+        hidden_size = built[0][0].shape[-1]
+        embeds = built[0][0].new_zeros(len(built), longest, hidden_size)
+        labels = torch.full((len(built), longest), SPEECH_IGNORE_INDEX, dtype=torch.long, device=self.device)
+        attention_mask = torch.zeros(len(built), longest, dtype=torch.long, device=self.device)
+        for row, (sequence_embeds, sequence_labels) in enumerate(built):
+            embeds[row, : sequence_embeds.shape[0]] = sequence_embeds
+            labels[row, : sequence_labels.shape[0]] = sequence_labels
+            attention_mask[row, : sequence_embeds.shape[0]] = 1
+        positions = torch.arange(longest, device=self.device).unsqueeze(0).expand(len(built), -1)
+        output = self.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions, use_cache=False)
+        logits = self.head_code[0](output.last_hidden_state)
+        mask = labels != SPEECH_IGNORE_INDEX
+        if mask.any():
+            loss = F.cross_entropy(logits[mask].float(), labels[mask])
+        else:  # keeps the graph connected so a batch without targets backpropagates a zero
+            loss = logits.sum() * 0.0
+        return SpeechLossOutput(loss=loss, logits=logits, labels=labels, attention_mask=attention_mask)
+
+    def speech_loss(
+        self,
+        text_ids: torch.Tensor,
+        llm_hidden: torch.Tensor,
+        codes: torch.Tensor,
+        text_mask: torch.Tensor | None = None,
+        normalize: bool | None = None,
+    ) -> SpeechLossOutput:
+        """Turn-based teacher forcing: per row [cond_1..cond_n, text_eos, audio_bos, codes] with EOS at the end.
+
+        text_ids [B, n] + llm_hidden [B, n, llm_dim] (the spoken tokens and their final-norm LLM hidden states),
+        text_mask [B, n] (1 on real tokens; right padding), codes [B, m] right padded with -100. The logits equal
+        those of `generate_codes` fed the same codes (tested).
+        """
+        self._check_condition_inputs(text_ids, llm_hidden)
+        if codes.dim() != 2 or codes.shape[0] != text_ids.shape[0]:
+            raise SpeechDecoderInputError(
+                f"codes must be [B, m] with B = {text_ids.shape[0]}, got {tuple(codes.shape)}"
+            )
+        if text_mask is None:
+            text_mask = torch.ones_like(text_ids, dtype=torch.bool)
+        text_mask = text_mask.bool()
+        sequences = []
+        for row in range(text_ids.shape[0]):
+            keep = text_mask[row].to(text_ids.device)
+            row_codes = codes[row][codes[row] != SPEECH_IGNORE_INDEX]
+            sequences.append([SpeechSegment(
+                text_ids[row][keep], llm_hidden[row][keep.to(llm_hidden.device)], row_codes,
+                text_eos=True, end_with_eos=True, normalize=normalize,
+            )])
+        return self.teacher_forced_forward(sequences)
+
+    def duplex_speech_loss(self, turns: list[list[SpeechSegment]]) -> SpeechLossOutput:
+        """Duplex teacher forcing: each turn is one causal sequence [unit1 cond, audio_bos, codes_1, unit2 cond, ...].
+
+        Units come as `SpeechSegment`s (text_ids/llm_hidden of the unit's tokens after `<|speak|>`, terminator
+        excluded; codes normally 25); the condition is always L2-normalised and has no text_eos, as in
+        `generate_unit_codes`. Set `end_with_eos` only where generation may stop early (turn start, turn end).
+        """
+        duplex_turns = [
+            [replace(unit, text_eos=False, normalize=True) for unit in units] for units in turns
+        ]
+        return self.teacher_forced_forward(duplex_turns)
+
 
 __all__ = [
+    "SPEECH_IGNORE_INDEX",
     "MiniCPMOSpeechDecoder",
     "MiniCPMTTSProjector",
     "SpeechDecoderInputError",
     "SpeechDecoderStreamState",
+    "SpeechLossOutput",
     "SpeechSamplingConfig",
+    "SpeechSegment",
     "SpeechSamplingError",
     "apply_repetition_penalty",
     "init_weight_norm_parametrization",

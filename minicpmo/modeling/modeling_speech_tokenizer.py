@@ -297,7 +297,10 @@ class S3FSQ(_FSQ if _FSQ is not None else nn.Module):
 
     def __init__(self, levels: list[int], dim: int):
         _require_library(_FSQ, "vector-quantize-pytorch (pip install vector-quantize-pytorch)")
-        super().__init__(levels=list(levels), dim=dim)
+        # FSQ's constructor calls `.item()`, which fails under transformers' meta-device init; its few parameters
+        # (two small projections) are built on the CPU instead and loaded/initialised like any other.
+        with torch.device("cpu"):
+            super().__init__(levels=list(levels), dim=dim)
         self.level_values = [int(level) for level in levels]
 
     def bound(self, z, eps: float = OFFICIAL_FSQ_SCALE - 1.0, hard_clamp: bool = False):

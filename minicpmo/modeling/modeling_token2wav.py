@@ -255,23 +255,6 @@ class Token2WavStreamState:
     samples_emitted: int = 0
 
 
-def _build_speech_tokenizer(config: S3TokenizerConfig) -> S3SpeechTokenizer:
-    """S3SpeechTokenizer that also builds under ``torch.device("meta")`` (transformers' from_pretrained).
-
-    vector_quantize_pytorch's FSQ calls ``.item()`` in its constructor, which fails on meta tensors. Then
-    the tokenizer is built on the CPU and moved to meta; its lookup buffers are recreated by
-    :func:`init_token2wav_weights`. Costs one transient CPU build, only on that path.
-    """
-    try:
-        return S3SpeechTokenizer(config)
-    except RuntimeError as error:
-        if "meta" not in str(error):
-            raise
-    with torch.device("cpu"):
-        tokenizer = S3SpeechTokenizer(config)
-    return tokenizer.to("meta")
-
-
 class MiniCPMOToken2Wav(nn.Module):
     """Speech codes + voice prompt -> 24 kHz waveform; see the module docstring for the streaming rules."""
 
@@ -286,7 +269,7 @@ class MiniCPMOToken2Wav(nn.Module):
         self.hift_original = HiFTVocoder(config.hift)
         if config.voice_encoders:
             self.campplus = SpeakerEmbedder(config.campplus)
-            self.speech_tokenizer = _build_speech_tokenizer(config.speech_tokenizer)
+            self.speech_tokenizer = S3SpeechTokenizer(config.speech_tokenizer)
         else:
             self.campplus = None
             self.speech_tokenizer = None

@@ -103,8 +103,8 @@ class LiveSession:
 
     def reset(self) -> None:
         """Forget the conversation (fresh caches) but keep the session slot and the output stream."""
-        self._raise_if_closed()
         with self.step_lock:
+            self._raise_if_closed()
             self._drain_inputs()
             self.assembler.reset()
             with self.loaded.lock:
@@ -126,6 +126,7 @@ class LiveSession:
         with self.step_lock:
             if self.session is not None:
                 self.session.close()
+                self.session = None  # let the KV cache go now, not when the browser state expires
         self.outputs.put(_STOP)
 
     # --- input side (called from Gradio's stream handlers) ---------------------------------------------------------

@@ -92,13 +92,21 @@ def _read_wav(data: bytes) -> tuple[np.ndarray, int]:
     return audio, int(rate)
 
 
+@functools.lru_cache(maxsize=4)
+def _resampler(rate: int):
+    """torchaudio's sinc resampler with its kernel built once (building it dominates the cost of short words)."""
+    import torchaudio.transforms
+
+    return torchaudio.transforms.Resample(rate, SAMPLE_RATE)
+
+
 def _resample(audio: np.ndarray, rate: int) -> np.ndarray:
     if rate == SAMPLE_RATE:
         return audio.astype(np.float32)
     import torch
-    import torchaudio.functional
 
-    return torchaudio.functional.resample(torch.from_numpy(audio), rate, SAMPLE_RATE).numpy().astype(np.float32)
+    with torch.no_grad():
+        return _resampler(rate)(torch.from_numpy(np.ascontiguousarray(audio))).numpy().astype(np.float32)
 
 
 def _trim(audio: np.ndarray) -> np.ndarray:
