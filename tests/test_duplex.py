@@ -136,3 +136,18 @@ def test_bad_unit_audio_is_a_typed_error_and_the_session_survives():
     with pytest.raises(DuplexInputError, match="NaN"):
         session.step(np.full(16000, np.nan, dtype=np.float32))
     assert session.step(units(1)[0]).time_s == 0.0
+
+
+def test_tail_playback_clock_shrinks_the_text_budget_when_speech_lags():
+    from minicpmo.modeling.modeling_duplex import _speak_budget
+
+    session = tiny_model().duplex_session(processor(), generate_audio=False, max_speak_tokens_per_unit=20,
+                                          max_speech_lag_s=1.0)
+    state, runtime = session.state, session.runtime
+    state.in_turn, state.turn_start_time_s = True, 10.0
+    state.speech_emitted_s = 3.0  # 3 s of speech queued after 3 s of turn: in step with the clock
+    assert _speak_budget(runtime, state, now_s=13.0) == 20
+    state.speech_emitted_s = 4.5  # 1.5 s ahead of the interaction clock
+    assert _speak_budget(runtime, state, now_s=13.0) == 10
+    state.speech_emitted_s = 6.0  # 3 s ahead: keep the turn open without new text
+    assert _speak_budget(runtime, state, now_s=13.0) == 2
