@@ -6,7 +6,7 @@ import torch
 from helpers import image, processor, tiny_model, tone
 
 from minicpmo.modeling.modeling_cache_window import cache_nbytes
-from minicpmo.modeling.modeling_duplex import DuplexInputError
+from minicpmo.processing.feature_extraction_minicpmo import InvalidAudioError, MultiChannelAudioError
 from minicpmo.processing.feature_extraction_minicpmo import audio_token_count
 from minicpmo.processing.duplex_layout_minicpmo import parse_unit, system_prefix_ids, unit_spans
 from minicpmo.voices import load_voice
@@ -131,9 +131,9 @@ def test_sliding_window_bounds_the_cache_and_keeps_the_system_prompt():
 
 def test_bad_unit_audio_is_a_typed_error_and_the_session_survives():
     session = tiny_model().duplex_session(processor(), generate_audio=False)
-    with pytest.raises(DuplexInputError, match="1-D"):
+    with pytest.raises(MultiChannelAudioError, match="multi-channel"):
         session.step(np.zeros((2, 16000), dtype=np.float32))
-    with pytest.raises(DuplexInputError, match="NaN"):
+    with pytest.raises(InvalidAudioError, match="NaN"):
         session.step(np.full(16000, np.nan, dtype=np.float32))
     assert session.step(units(1)[0]).time_s == 0.0
 

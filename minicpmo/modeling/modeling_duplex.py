@@ -18,6 +18,7 @@ import torch
 from transformers import DynamicCache
 
 from ..processing.duplex_layout_minicpmo import DuplexTokens, system_prefix_ids, unit_input_ids
+from ..processing.feature_extraction_minicpmo import validate_waveform
 from ..processing.streaming_mel_minicpmo import StreamingMelProcessor, StreamingMelState
 from .modeling_cache_window import drop_cache_span
 from .modeling_duplex_audio import DuplexAudioEncoderState, encode_unit
@@ -27,10 +28,6 @@ from .modeling_speech_decoder import SpeechSamplingConfig
 UNIT_SAMPLES = 16000
 OUTPUT_SAMPLE_RATE = 24000
 STAGES = ("vision", "audio", "prefill", "decode", "speech_codes", "token2wav")
-
-
-class DuplexInputError(ValueError):
-    """A unit's audio or frame cannot be used (wrong shape, rate, NaN ...)."""
 
 
 @dataclass
@@ -235,7 +232,7 @@ def duplex_step(model, runtime: DuplexRuntime, state: DuplexState, audio, frame=
     """Advance the session by one unit (1 s of 16 kHz mono audio, optional frame)."""
     tok, cfg = runtime.tokens, runtime.config
     timings = dict.fromkeys(STAGES, 0.0)
-    audio = _validate_unit_audio(audio)
+    audio = validate_waveform(audio, name="unit audio")  # typed errors before any state changes
     time_s = state.unit_index * UNIT_SAMPLES / 16000.0
     embedded = _embed_unit(model, runtime, state, audio, frame, timings)
     unit_index = state.unit_index
@@ -327,21 +324,6 @@ def _end_turn(model, runtime: DuplexRuntime, state: DuplexState) -> None:
     if runtime.voice is not None:
         state.tts_state = model.tts.new_stream_state(runtime.config.seed)
         state.wav_state = model.token2wav.start_stream(runtime.voice, n_timesteps=runtime.config.n_timesteps)
-
-
-def _validate_unit_audio(audio) -> np.ndarray:
-    if isinstance(audio, torch.Tensor):
-        audio = audio.detach().cpu().numpy()
-    audio = np.asarray(audio)
-    if audio.ndim != 1:
-        raise DuplexInputError(f"unit audio must be 1-D mono 16 kHz samples, got shape {audio.shape}")
-    if audio.dtype == np.int16:
-        audio = audio.astype(np.float32) / 32768.0
-    if not np.issubdtype(audio.dtype, np.floating):
-        raise DuplexInputError(f"unit audio must be float or int16 samples, got dtype {audio.dtype}")
-    if not np.isfinite(audio).all():
-        raise DuplexInputError("unit audio contains NaN or infinite samples")
-    return audio.astype(np.float32)
 
 
 def new_duplex_state(model, runtime: DuplexRuntime, system_prompt: str, ref_audio=None) -> DuplexState:
