@@ -279,11 +279,30 @@ class MiniCPMOForConditionalGeneration(
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         output = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         model = output[0] if isinstance(output, tuple) else output
-        folder = os.path.join(str(pretrained_model_name_or_path), cls.token2wav_subfolder)
         model.token2wav_weights_loaded = False
-        if getattr(model, "token2wav", None) is not None and os.path.isdir(folder):
-            model.load_token2wav(folder)
+        if getattr(model, "token2wav", None) is not None:
+            folder = cls._token2wav_folder(str(pretrained_model_name_or_path), kwargs)
+            if folder is not None:
+                model.load_token2wav(folder)
         return output
+
+    @classmethod
+    def _token2wav_folder(cls, name_or_path: str, kwargs: dict) -> str | None:
+        """The token2wav/ folder of a local checkpoint, or of a Hub repo (fetched like the rest of it)."""
+        local = os.path.join(name_or_path, cls.token2wav_subfolder)
+        if os.path.isdir(name_or_path):
+            return local if os.path.isdir(local) else None
+        try:
+            from huggingface_hub import snapshot_download
+
+            root = snapshot_download(
+                name_or_path, allow_patterns=[f"{cls.token2wav_subfolder}/*"], revision=kwargs.get("revision"),
+                cache_dir=kwargs.get("cache_dir"), token=kwargs.get("token"),
+            )
+        except (OSError, ValueError):  # offline, or no such files: the model works without speech weights
+            return None
+        remote = os.path.join(root, cls.token2wav_subfolder)
+        return remote if os.path.isdir(remote) else None
 
     def get_input_embeddings(self):
         return self.model.get_input_embeddings()

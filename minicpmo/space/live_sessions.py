@@ -68,6 +68,7 @@ class LiveStats:
     units_done: int = 0
     units_dropped: int = 0
     last_step_s: float = 0.0
+    speech_s: float = 0.0  # model speech produced so far (not counting the silence sent while listening)
 
 
 class LiveSession:
@@ -180,6 +181,8 @@ class LiveSession:
             self.stats.units_done += 1
             self.stats.last_step_s = elapsed
             speech = out.audio if out.audio is not None and out.audio.size else None
+            if speech is not None:
+                self.stats.speech_s += speech.shape[0] / OUTPUT_RATE
             if speech is None and self.options.generate_audio:
                 speech = np.zeros(OUTPUT_RATE, dtype=np.float32)  # keep the output clock running while listening
             self.outputs.put(LiveUpdate(audio=speech, event=event))

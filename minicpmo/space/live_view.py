@@ -40,7 +40,7 @@ def render_timeline(events: list[UnitEvent]) -> str:
         style = CELL_STYLE.format(color=color, extra="outline:2px solid #1d4ed8;" if event.end_of_turn else "")
         letter = "S" if event.action == "speak" else "L"
         cells.append(f'<span class="{" ".join(classes)}" style="{style}" title="{title}">{letter}</span>')
-    lines = "\n".join(f"🤖 {html.escape(turn)}" for turn in transcript_turns(events)) or "(no speech yet)"
+    lines = "\n".join(f"model: {html.escape(turn)}" for turn in transcript_turns(events)) or "(no speech yet)"
     return (f'<div class="mc-live" data-units="{len(events)}" data-speak="{speaking}">'
             f'<div class="mc-strip" style="margin-bottom:8px">{"".join(cells) or "<i>waiting for audio…</i>"}</div>'
             f'<div class="mc-transcript" style="white-space:pre-wrap;max-height:220px;overflow-y:auto">{lines}</div>'
@@ -49,4 +49,4 @@ def render_timeline(events: list[UnitEvent]) -> str:
 
 def render_status(stats: LiveStats, state: str) -> str:
     return (f"{state} · units in {stats.units_in}, processed {stats.units_done}, dropped {stats.units_dropped}"
-            f" · last step {stats.last_step_s:.2f} s")
+            f" · speech {stats.speech_s:.1f} s · last step {stats.last_step_s:.2f} s")

@@ -3,14 +3,8 @@
 Not part of the flattened Hub export: modules here may import `minicpmo` absolutely.
 """
 
-from .dataset import (
-    HELDOUT_VOICE_NAMES,
-    TRAIN_VOICE_NAMES,
-    episode_to_duplex_sample,
-    generate_episodes,
-    load_episodes,
-    save_episodes,
-)
+import importlib
+
 from .episodes import EPISODE_TYPES, Episode, TimingConfig, generate_episode
 from .scenes import SceneQuestion, SceneTimeline, answer_question, render
 from .speech import EspeakNotFoundError, Voice, espeak_available, synthesize
@@ -35,3 +29,15 @@ __all__ = [
     "save_episodes",
     "synthesize",
 ]
+
+_DATASET_NAMES = frozenset(
+    ("HELDOUT_VOICE_NAMES", "TRAIN_VOICE_NAMES", "episode_to_duplex_sample", "generate_episodes", "load_episodes",
+     "save_episodes")
+)
+
+
+def __getattr__(name: str):
+    """Dataset names load lazily so `python -m minicpmo.synthetic.dataset` runs without a double import."""
+    if name in _DATASET_NAMES:
+        return getattr(importlib.import_module(".dataset", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

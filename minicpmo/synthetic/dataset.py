@@ -142,10 +142,8 @@ def save_episodes(episodes: list[Episode], out_dir: str | os.PathLike) -> str:
             folder = episode.episode_id
             os.makedirs(os.path.join(out_dir, folder, "frames"), exist_ok=True)
             record = _episode_record(episode, folder)
-            soundfile.write(os.path.join(out_dir, record["user_audio"]), episode.user_audio, SAMPLE_RATE, subtype="FLOAT")
-            soundfile.write(
-                os.path.join(out_dir, record["assistant_audio"]), episode.assistant_audio, SAMPLE_RATE, subtype="FLOAT"
-            )
+            for key, audio in (("user_audio", episode.user_audio), ("assistant_audio", episode.assistant_audio)):
+                soundfile.write(os.path.join(out_dir, record[key]), audio, SAMPLE_RATE, subtype="FLOAT")
             for (_, image), (_, frame_path) in zip(episode.frames, record["frames"]):
                 image.save(os.path.join(out_dir, frame_path))
             handle.write(json.dumps(record) + "\n")

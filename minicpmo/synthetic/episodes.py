@@ -320,7 +320,8 @@ def _interruption_episode(builder: _Builder) -> tuple[int, dict]:
     request = builder.user(str(rng.choice(DESCRIBE_REQUESTS)), "describe_request", start)
     state = builder.scene.state_at(request.end_s)
     reply = builder.reply(describe(state), "describe", request.end_s + builder.delay())
-    units = list(range(int(math.floor(reply.start_s)) + 1, int(math.floor(reply.end_s - 0.5)) + 1))
+    first_unit = int(math.floor(reply.start_s)) + 1  # cut in after 1..3 units of the reply (keeps episodes short)
+    units = list(range(first_unit, min(first_unit + 3, int(math.floor(reply.end_s - 0.5)) + 1)))
     if not units:
         raise EpisodeError(f"description reply of {reply.end_s - reply.start_s:.2f} s is too short to interrupt")
     stop_unit = int(rng.choice(units))

@@ -316,4 +316,4 @@ def describe(state: SceneState) -> str:
     if not parts:
         return "I do not see any shapes right now."
     listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
-    return f"Let me describe the picture. I can see {listed}, on a light grey background."
+    return f"Let me describe the picture. I can see {listed}."

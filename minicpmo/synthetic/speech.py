@@ -74,7 +74,8 @@ def espeak_path() -> str:
     path = shutil.which("espeak-ng")
     if path is None:
         raise EspeakNotFoundError(
-            "espeak-ng was not found on PATH; install it (e.g. `apt-get install espeak-ng`) to generate synthetic speech"
+            "espeak-ng was not found on PATH; install it (e.g. `apt-get install espeak-ng`) to generate "
+            "synthetic speech"
         )
     return path
 
