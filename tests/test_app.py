@@ -236,3 +236,34 @@ def test_a_corrupt_upload_fails_only_for_its_caller(client, media):
         client.predict("", None, None, None, "en_dlc", None, False, False, api_name="/chat")
     with pytest.raises(AppError, match="no_such_voice"):
         client.predict("hi", None, None, None, "no_such_voice", None, False, True, api_name="/chat")
+
+
+def test_model_choice_flag_env_var_and_deterministic_default(loaded, tmp_path, monkeypatch):
+    from minicpmo.space import load_model
+
+    again = load_default_model()
+    first_name, first = next(iter(loaded.model.state_dict().items()))
+    assert again.model.state_dict()[first_name].equal(first)  # the embedded default is reproducible
+    folder = tmp_path / "checkpoint"
+    loaded.model.save_pretrained(folder)
+    loaded.processor.save_pretrained(folder)
+    monkeypatch.setenv("MINICPMO_MODEL", str(folder))
+    from_env = load_model(None)
+    assert from_env.name == str(folder) and from_env.model.state_dict()[first_name].equal(first)
+    monkeypatch.setenv("MINICPMO_MODEL", str(tmp_path / "missing"))
+    assert load_model(str(folder)).name == str(folder)  # --model wins over the environment
+
+
+def test_replay_endpoint_accepts_a_video(client, media):
+    if media["video"] is None:
+        pytest.skip("ffmpeg is needed to make the test video")
+    from gradio_client import handle_file
+
+    events, output, summary = client.predict(handle_file(str(media["video"])), "Describe what you see.", "en_dlc",
+                                             None, False, api_name="/replay")
+    from minicpmo.duplex_replay import read_recording
+
+    audio, frames = read_recording(media["video"])  # the mp4's own audio track (AAC pads it a little)
+    assert len(frames) == len(events["data"]) >= 2 and f"{len(frames)} units" in summary
+    info = soundfile.info(output)
+    assert info.samplerate == 24000 and info.frames == round(audio.shape[0] / 16000 * 24000)

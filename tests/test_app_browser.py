@@ -95,7 +95,7 @@ def test_live_tab_streams_webcam_and_microphone_and_speaks(app, tmp_path):
             page.goto(url)
             page.get_by_role("tab", name="Live").click()
             page.click("#live-start")
-            poll(page, STATUS_JS, lambda s: "started" in (s or ""), 60)
+            poll(page, STATUS_JS, lambda s: "started" in (s or "") or "listening" in (s or ""), 60)
             assert manager.active_count() == 1
             key, live = next(iter(manager.sessions.items()))
 
@@ -124,5 +124,45 @@ def test_live_tab_streams_webcam_and_microphone_and_speaks(app, tmp_path):
             page.click("#live-stop")
             poll(page, STATUS_JS, lambda s: (s or "").startswith("stopped"), 30)
             assert manager.active_count() == 0 and live.closed.is_set()
+
+            page.click("#live-start")  # a new session, then the tab goes away: unload frees the slot
+            poll(page, STATUS_JS, lambda s: "started" in (s or "") or "listening" in (s or ""), 60)
+            assert manager.active_count() == 1
+            page.close()
+            deadline = time.monotonic() + 30
+            while manager.active_count() and time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert manager.active_count() == 0
+        finally:
+            browser.close()
+
+
+def test_chat_tab_streams_text_and_speech_then_retries_and_clears(app):
+    from playwright.sync_api import sync_playwright
+
+    _, url = app
+    bubbles_js = "() => Array.from(document.querySelectorAll('#chatbot .message-row')).map(m => m.innerText.trim())"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                                             args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                                                   "--autoplay-policy=no-user-gesture-required"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1400})
+            page.goto(url)
+            page.get_by_label("Message").fill("Say hello.")
+            page.click("#chat-send")
+            poll(page, "() => document.querySelector('textarea').value", lambda v: v == "", 60)  # sent + cleared
+            rows = poll(page, bubbles_js, lambda r: any("Say hello." in text for text in r) and len(r) >= 2, 30)
+            answer = rows[-1]
+            assert answer and answer != "…"
+            speech_js = "() => Array.from(document.querySelectorAll('#chat-speech audio')).map(a => a.currentSrc)"
+            first = poll(page, speech_js, lambda srcs: any(src.startswith("blob:") for src in srcs), 60)
+            page.click("#chat-retry")
+            poll(page, speech_js, lambda srcs: bool(srcs) and srcs != first and srcs[0].startswith("blob:"), 60)
+            # The retried turn replaces the last one (greedy decoding: the same answer again).
+            rows = poll(page, bubbles_js, lambda r: len(r) == 2 and r[-1] == answer, 30)
+            assert rows[0].endswith("Say hello.")
+            page.click("#chat-clear")
+            poll(page, bubbles_js, lambda r: not any("Say hello." in text for text in r), 30)
         finally:
             browser.close()

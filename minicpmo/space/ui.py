@@ -199,13 +199,13 @@ def build_demo(loaded: LoadedModel, settings: SpaceSettings | None = None) -> gr
         gr.Markdown(f"# MiniCPM-o 4.5 — see, listen, speak\nModel: `{loaded.name}`")
         with gr.Tab("Chat"):
             turns = gr.State([])
-            chatbot = gr.Chatbot(label="Conversation", height=360)
+            chatbot = gr.Chatbot(label="Conversation", height=360, elem_id="chatbot")
             with gr.Row():
                 text = gr.Textbox(label="Message", lines=2, scale=4, placeholder="Ask anything…")
                 with gr.Column(scale=1, min_width=120):
-                    send = gr.Button("Send", variant="primary")
-                    retry = gr.Button("Retry")
-                    clear = gr.Button("Clear")
+                    send = gr.Button("Send", variant="primary", elem_id="chat-send")
+                    retry = gr.Button("Retry", elem_id="chat-retry")
+                    clear = gr.Button("Clear", elem_id="chat-clear")
             with gr.Row():
                 image = gr.Image(label="Image", sources=["upload", "webcam"], type="filepath")
                 audio = gr.Audio(label="Audio", sources=["upload", "microphone"], type="filepath")
@@ -214,7 +214,8 @@ def build_demo(loaded: LoadedModel, settings: SpaceSettings | None = None) -> gr
                 speak = gr.Checkbox(True, label="Speak the answer")
                 thinking = gr.Checkbox(False, label="Thinking mode")
                 voice, voice_upload = _voice_controls()
-            speech = gr.Audio(label="Spoken answer", streaming=True, autoplay=True, interactive=False)
+            speech = gr.Audio(label="Spoken answer", streaming=True, autoplay=True, interactive=False,
+                              elem_id="chat-speech")
             api_trigger = gr.Button(visible=False)
             api_text = gr.Textbox(visible=False)
             api_speech = gr.Audio(visible=False, type="filepath", format="wav")
