@@ -5,10 +5,18 @@ Run from the repository root (this folder is not installed with the `minicpmo` p
     python -m minicpmo.export --tiny runs/minicpmo-tiny
     python -m finetune.sft --config finetune/examples/tiny_lora_llm.yaml
 
-See finetune/README.md. `finetune.sft` (which imports TRL) is loaded only when used.
+See finetune/README.md. `finetune.sft` and `finetune.trainer` (which import TRL) are loaded only when used;
+collators `speech` (speech_collator) and `duplex` (duplex_collator) are imported when built.
 """
 
-from .collators import COLLATORS, CollatorConfigError, TurnBasedCollator, build_collator, register_collator
+from .collators import (
+    COLLATORS,
+    CollatorConfigError,
+    TurnBasedCollator,
+    build_collator,
+    dataset_loader,
+    register_collator,
+)
 from .config import Recipe, RecipeError, load_recipe, recipe_from_dict
 from .data import ConversationFormatError, load_conversations, normalize_conversation
 from .labels import IGNORE_INDEX, ChatTokenIds, LabelMaskError, assistant_only_labels
@@ -29,6 +37,7 @@ __all__ = [
     "TurnBasedCollator",
     "assistant_only_labels",
     "build_collator",
+    "dataset_loader",
     "freeze_for_preset",
     "get_preset",
     "load_conversations",

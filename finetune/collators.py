@@ -1,7 +1,8 @@
 """Batch collators: rows of chat data -> model inputs with labels. Media are decoded here, per batch.
 
-`TurnBasedCollator` covers turn-based multimodal chat (text answers). Other training modes (speech output,
-full duplex) plug in through `register_collator(name, factory)`; a recipe picks one with `collator: NAME`.
+`TurnBasedCollator` covers turn-based multimodal chat (text answers); `speech` (speech_collator.SpeechCollator)
+adds speech-decoder targets to it and `duplex` (duplex_collator.DuplexCollator) serializes full-duplex sessions.
+Other modes plug in through `register_collator(name, factory)`; a recipe picks one with `collator: NAME`.
 Every collator is a callable `rows -> dict of tensors` built as `factory(processor, **collator_kwargs)`.
 """
 
@@ -62,16 +63,21 @@ class TurnBasedCollator:
                     audio.append(load_audio(item.get("audio", item.get("path")), item.get("sampling_rate")))
         return text, images, audio
 
-    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+    def conversation(self, row: dict, index: int) -> list[dict]:
+        """One row's validated messages (media paths resolved); assistant messages must be text here."""
+        messages = normalize_conversation(row["messages"], self.media_root, row=row.get("id", index))
+        for message in messages:
+            if message["role"] == "assistant" and any(item["type"] != "text" for item in message["content"]):
+                raise CollatorConfigError(
+                    f"row {row.get('id', index)}: assistant messages must be text for the turn-based collator "
+                    "(speech answers need a speech collator)"
+                )
+        return messages
+
+    def encode(self, conversations: list[list[dict]]) -> dict[str, torch.Tensor]:
+        """Normalised conversations -> the padded batch with assistant-only `labels` (media decoded here)."""
         texts, images, audio, turns = [], [], [], []
-        for index, row in enumerate(rows):
-            messages = normalize_conversation(row["messages"], self.media_root, row=row.get("id", index))
-            for message in messages:
-                if message["role"] == "assistant" and any(item["type"] != "text" for item in message["content"]):
-                    raise CollatorConfigError(
-                        f"row {row.get('id', index)}: assistant messages must be text for the turn-based collator "
-                        "(speech answers need a speech collator)"
-                    )
+        for messages in conversations:
             text, sample_images, sample_audio = self.render(messages)
             texts.append(text)
             images.append(sample_images)
@@ -94,14 +100,53 @@ class TurnBasedCollator:
         )
         return batch
 
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        return self.encode([self.conversation(row, index) for index, row in enumerate(rows)])
+
 
 CollatorFactory = Callable[..., Callable[[list[dict]], dict]]
-COLLATORS: dict[str, CollatorFactory] = {"turn_based": TurnBasedCollator}
+DatasetLoader = Callable[..., Any]
 
 
-def register_collator(name: str, factory: CollatorFactory) -> None:
-    """Make `collator: NAME` available to recipes (speech and duplex collators register here)."""
+def _speech_collator(processor, **kwargs):
+    from .speech_collator import SpeechCollator
+
+    return SpeechCollator(processor, **kwargs)
+
+
+def _duplex_collator(processor, **kwargs):
+    from .duplex_collator import DuplexCollator
+
+    return DuplexCollator(processor, **kwargs)
+
+
+def _load_duplex_sessions(source, split: str = "train"):
+    from .duplex_data import load_duplex_sessions
+
+    return load_duplex_sessions(source, split)
+
+
+COLLATORS: dict[str, CollatorFactory] = {
+    "turn_based": TurnBasedCollator,
+    "speech": _speech_collator,
+    "duplex": _duplex_collator,
+}
+# How a collator's training rows are loaded; collators not listed here read chat rows (`load_conversations`).
+DATASET_LOADERS: dict[str, DatasetLoader] = {"duplex": _load_duplex_sessions}
+
+
+def register_collator(name: str, factory: CollatorFactory, dataset_loader: DatasetLoader | None = None) -> None:
+    """Make `collator: NAME` available to recipes; `dataset_loader(path)` reads its rows when they are not chats."""
     COLLATORS[name] = factory
+    if dataset_loader is not None:
+        DATASET_LOADERS[name] = dataset_loader
+
+
+def dataset_loader(name: str) -> DatasetLoader:
+    """The function that loads training rows for collator `name` (chat rows by default)."""
+    from .data import load_conversations
+
+    return DATASET_LOADERS.get(name, load_conversations)
 
 
 def build_collator(name: str, processor, **kwargs):
@@ -113,4 +158,12 @@ def build_collator(name: str, processor, **kwargs):
         raise CollatorConfigError(f"bad options for collator {name!r}: {error}") from error
 
 
-__all__ = ["COLLATORS", "CollatorConfigError", "TurnBasedCollator", "build_collator", "register_collator"]
+__all__ = [
+    "COLLATORS",
+    "CollatorConfigError",
+    "DATASET_LOADERS",
+    "TurnBasedCollator",
+    "build_collator",
+    "dataset_loader",
+    "register_collator",
+]

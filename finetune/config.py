@@ -8,6 +8,8 @@
     lora: {r, alpha, dropout, target_modules, modules_to_save}      (LoRA presets only)
     sft: {...}                                                      (keyword arguments of trl.SFTConfig)
     merge_adapter: false                                            (also write OUTPUT_DIR/merged after training)
+    speech_loss_weight: 1.0                                         (speech-decoder loss weight; speech/duplex)
+    text_loss_weight: 1.0                                           (LM loss weight)
 
 Relative paths are taken from the current directory (run recipes from the repository root).
 """
@@ -22,7 +24,10 @@ from typing import Any
 
 import yaml
 
-TOP_LEVEL_KEYS = ("model", "processor", "dtype", "data", "collator", "preset", "lora", "sft", "merge_adapter", "seed")
+TOP_LEVEL_KEYS = (
+    "model", "processor", "dtype", "data", "collator", "preset", "lora", "sft", "merge_adapter", "seed",
+    "speech_loss_weight", "text_loss_weight",
+)
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -43,6 +48,8 @@ class Recipe:
     lora: dict[str, Any] = field(default_factory=dict)
     sft: dict[str, Any] = field(default_factory=dict)
     merge_adapter: bool = False
+    speech_loss_weight: float = 1.0
+    text_loss_weight: float = 1.0
 
     @property
     def collator_name(self) -> str:
@@ -109,6 +116,12 @@ def recipe_from_dict(raw: dict) -> Recipe:
     for key in ("lora", "sft"):
         if not isinstance(raw.get(key) or {}, dict):
             raise RecipeError(f"`{key}:` must be a mapping")
+    weights = {}
+    for key in ("speech_loss_weight", "text_loss_weight"):
+        value = raw.get(key, 1.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise RecipeError(f"`{key}:` must be a number >= 0, got {value!r}")
+        weights[key] = float(value)
     sft = dict(raw.get("sft") or {})
     if "seed" in raw:
         sft.setdefault("seed", raw["seed"])
@@ -124,6 +137,7 @@ def recipe_from_dict(raw: dict) -> Recipe:
         lora=dict(raw.get("lora") or {}),
         sft=sft,
         merge_adapter=bool(raw.get("merge_adapter", False)),
+        **weights,
     )
 
 

@@ -61,6 +61,11 @@ def _resolve(value: Any, media_root: Path | None) -> Any:
     return value
 
 
+def resolve_media_path(value: Any, media_root: str | os.PathLike | None) -> Any:
+    """A media path (or list of paths) as the collators open it: relative paths joined to `media_root`."""
+    return _resolve(value, Path(media_root) if media_root is not None else None)
+
+
 def normalize_item(item: Any, media_root: Path | None, where: str) -> dict:
     """One content item as the processor expects it: no null fields, media paths resolved, frames -> video."""
     if isinstance(item, str):
@@ -120,4 +125,5 @@ __all__ = [
     "load_conversations",
     "normalize_conversation",
     "normalize_item",
+    "resolve_media_path",
 ]

@@ -1,6 +1,7 @@
 """`python -m finetune.sft --config finetune/examples/NAME.yaml`: supervised fine-tuning with TRL + PEFT.
 
-Uses TRL's `SFTTrainer` as is. The trainer's fused LM head (`model(**batch, fused_lm_head=True)`) runs
+Uses `finetune.trainer.OmniSFTTrainer`, TRL's `SFTTrainer` plus the speech-decoder loss for batches that carry
+speech targets (collators `speech`, `duplex`); text-only batches take TRL's path unchanged. The trainer's fused LM head (`model(**batch, fused_lm_head=True)`) runs
 `model.model` (which merges image and audio features itself and returns `last_hidden_state`) and projects only the
 labelled positions through `lm_head`. TRL cannot prepare multimodal rows, so the recipe always sets
 `remove_unused_columns=False`, `dataset_kwargs={"skip_prepare_dataset": True}` and `max_length=None`, and a
@@ -17,9 +18,9 @@ from typing import Any
 
 import torch
 
-from .collators import build_collator
+from .collators import build_collator, dataset_loader
 from .config import Recipe, RecipeError, load_recipe
-from .data import default_media_root, load_conversations
+from .data import default_media_root
 from .presets import PresetError, check_preset_applies, freeze_for_preset, get_preset, lora_config
 
 # TRL must not tokenize, truncate or drop the raw `messages` column: the collator does all of that.
@@ -89,18 +90,19 @@ def prepare_model(model, recipe: Recipe):
 
 
 def build_trainer(recipe: Recipe, output_dir: str | None = None, model=None, processor=None, callbacks=None):
-    """An `SFTTrainer` ready to `train()`; `model` / `processor` may be passed in to skip loading."""
-    from trl import SFTTrainer
+    """An `OmniSFTTrainer` (an `SFTTrainer`) ready to `train()`; `model` / `processor` may be passed in."""
+    from .trainer import OmniSFTTrainer
 
     args = build_sft_config(recipe, output_dir)
     model = load_model(recipe) if model is None else model
     processor = load_processor(recipe) if processor is None else processor
     peft_config = prepare_model(model, recipe)
-    train_dataset = load_conversations(recipe.train_data)
-    eval_dataset = load_conversations(recipe.eval_data) if recipe.eval_data else None
+    load_rows = dataset_loader(recipe.collator_name)
+    train_dataset = load_rows(recipe.train_data)
+    eval_dataset = load_rows(recipe.eval_data) if recipe.eval_data else None
     media_root = recipe.media_root or default_media_root(recipe.train_data)
     collator = build_collator(recipe.collator_name, processor, media_root=media_root, **recipe.collator_kwargs)
-    return SFTTrainer(
+    return OmniSFTTrainer(
         model=model,
         args=args,
         data_collator=collator,
@@ -109,6 +111,8 @@ def build_trainer(recipe: Recipe, output_dir: str | None = None, model=None, pro
         processing_class=processor,
         peft_config=peft_config,
         callbacks=callbacks,
+        speech_loss_weight=recipe.speech_loss_weight,
+        text_loss_weight=recipe.text_loss_weight,
     )
 
 

@@ -185,8 +185,8 @@ def test_last_turn_only_and_error_cases(processor, rows):
                                   {"role": "assistant", "content": [{"type": "audio", "audio": "media/tone.wav"}]}]}
     with pytest.raises(CollatorConfigError, match="speech collator"):
         collator([speech_answer])
-    with pytest.raises(CollatorConfigError, match="unknown collator 'duplex'"):
-        build_collator("duplex", processor)
+    with pytest.raises(CollatorConfigError, match="unknown collator 'nope'"):
+        build_collator("nope", processor)
 
 
 # ---- presets ------------------------------------------------------------------------------------------------------

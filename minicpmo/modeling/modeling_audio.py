@@ -34,6 +34,8 @@ from transformers import initialization as init
 from transformers.cache_utils import DynamicCache
 from transformers.models.whisper.modeling_whisper import WhisperEncoderLayer, sinusoids
 
+from .modeling_projector import MultiModalProjector
+
 
 MEL_FRAMES_PER_SECOND = 100
 ENCODER_FRAMES_PER_SECOND = 50
@@ -295,17 +297,8 @@ class MiniCPMOAudioEncoder(nn.Module):
         return hidden, new_state
 
 
-class MiniCPMOAudioProjector(nn.Module):
+class MiniCPMOAudioProjector(MultiModalProjector):
     """`audio_projection_layer`: linear1 -> ReLU -> linear2 (both biased), then average pooling over time."""
-
-    def __init__(self, in_dim: int, out_dim: int):
-        super().__init__()
-        self.linear1 = nn.Linear(in_dim, out_dim, bias=True)
-        self.relu = nn.ReLU()
-        self.linear2 = nn.Linear(out_dim, out_dim, bias=True)
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.linear2(self.relu(self.linear1(hidden)))
 
     def project_and_pool(self, hidden: torch.Tensor, pool_step: int = 5) -> torch.Tensor:
         """[B, T', d] encoder states -> [B, (T' - pool) // pool + 1, out_dim]: project first, then AvgPool1d."""

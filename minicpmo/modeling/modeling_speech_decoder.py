@@ -28,6 +28,7 @@ from transformers.cache_utils import DynamicCache
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 from ..configuration.configuration_minicpmo import MiniCPMTTSConfig
+from .modeling_projector import MultiModalProjector
 
 # Official constants: top-p/top-k never keep fewer than 3 codes; a streamed text chunk yields at most 500 codes;
 # a duplex unit is 1 s = 25 codes at 25 Hz.
@@ -203,19 +204,6 @@ def init_weight_norm_parametrization(module: nn.Module, std: float = 0.02) -> bo
     return True
 
 
-class MiniCPMTTSProjector(nn.Module):
-    """Two-layer MLP (Linear, ReLU, Linear) from the LLM width to the decoder width (official MultiModalProjector)."""
-
-    def __init__(self, in_dim: int, out_dim: int):
-        super().__init__()
-        self.linear1 = nn.Linear(in_dim, out_dim, bias=True)
-        self.relu = nn.ReLU()
-        self.linear2 = nn.Linear(out_dim, out_dim, bias=True)
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.linear2(self.relu(self.linear1(hidden)))
-
-
 def llama_config_for_speech_decoder(config: MiniCPMTTSConfig) -> LlamaConfig:
     """The backbone config: the TTS sizes, Llama defaults elsewhere (vocab 32000 gives the unused embed_tokens)."""
     attn_implementation = getattr(config, "_attn_implementation", None)
@@ -247,8 +235,8 @@ class MiniCPMOSpeechDecoder(nn.Module):
         self.config = config
         self.emb_text = nn.Embedding(config.num_text_tokens, config.hidden_size)
         self.model = LlamaModel(llama_config_for_speech_decoder(config))
-        self.projector_spk = MiniCPMTTSProjector(config.llm_dim, config.hidden_size)
-        self.projector_semantic = MiniCPMTTSProjector(config.llm_dim, config.hidden_size)
+        self.projector_spk = MultiModalProjector(config.llm_dim, config.hidden_size)
+        self.projector_semantic = MultiModalProjector(config.llm_dim, config.hidden_size)
         self.emb_code = nn.ModuleList(
             [nn.Embedding(config.num_audio_tokens, config.hidden_size) for _ in range(config.num_vq)]
         )
@@ -576,7 +564,6 @@ class MiniCPMOSpeechDecoder(nn.Module):
 __all__ = [
     "SPEECH_IGNORE_INDEX",
     "MiniCPMOSpeechDecoder",
-    "MiniCPMTTSProjector",
     "SpeechDecoderInputError",
     "SpeechDecoderStreamState",
     "SpeechLossOutput",

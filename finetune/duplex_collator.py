@@ -1,0 +1,102 @@
+"""`collator: duplex`: recorded full-duplex sessions -> Omni-Flow training batches (spec §8, paper TAIL).
+
+Each row (format in duplex_data) becomes a `DuplexSample`, is serialized by
+`minicpmo.processing.duplex_serializer_minicpmo.serialize_duplex` into the unit layout the live loop builds, and
+the sessions are batched by `collate_duplex` (right padded; per-unit audio pieces and frames). LM labels sit on
+`<|listen|>` / `<|speak|>`, the unit text, `<|turn_eos|>` and `<|chunk_eos|>` only.
+
+Speech targets (`speech_*`, see speech_targets): one unit per speaking unit, the units of an assistant turn forming
+one causal speech-decoder sequence (KV and positions persist across a turn's units, as in generation). A unit is
+conditioned on its text and `<|turn_eos|>` positions (`DuplexUnit.tts_condition_positions`) and predicts its codes;
+EOS is a target only where generation may stop early: on the first unit of a turn or on the `<|turn_eos|>` unit,
+when that unit has fewer than `codes_per_unit` codes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from minicpmo.processing.duplex_serializer_minicpmo import SPEECH_CODE_RATE, collate_duplex, serialize_duplex
+
+from .duplex_data import session_from_row
+from .speech_targets import SpeechUnitTarget, pack_speech_targets
+
+
+class DuplexCollator:
+    """Rows of duplex sessions -> `input_ids` / `attention_mask` / `labels` [B, L], `input_features` [N_pieces, 80, T]
+    + `input_features_mask`, optional `pixel_values` + `tgt_sizes`, and the `speech_*` targets.
+
+    Serializer options (`unit_seconds`, `max_speak_tokens_per_unit`, `lookahead_tokens`, `codes_per_unit`,
+    `force_listen_count`, `turn_gap_s`) pass through to `serialize_duplex`. `speech_tokenizer` encodes
+    `assistant_speech.audio` (OmniSFTTrainer attaches the model's when None).
+    """
+
+    def __init__(
+        self,
+        processor,
+        media_root=None,
+        speech_tokenizer=None,
+        unit_seconds: float = 1.0,
+        max_speak_tokens_per_unit: int = 20,
+        lookahead_tokens: int = 2,
+        codes_per_unit: int | None = None,
+        force_listen_count: int = 0,
+        turn_gap_s: float = 1.0,
+    ):
+        self.processor = processor
+        self.media_root = media_root
+        self.speech_tokenizer = speech_tokenizer
+        self.turn_gap_s = float(turn_gap_s)
+        self.codes_per_unit = int(codes_per_unit) if codes_per_unit else int(round(unit_seconds * SPEECH_CODE_RATE))
+        self.serializer_options: dict[str, Any] = dict(
+            unit_seconds=unit_seconds,
+            max_speak_tokens_per_unit=max_speak_tokens_per_unit,
+            lookahead_tokens=lookahead_tokens,
+            codes_per_unit=codes_per_unit,
+            force_listen_count=force_listen_count,
+            turn_gap_s=turn_gap_s,
+        )
+
+    def serialize(self, row: dict, index: int = 0):
+        sample = session_from_row(
+            row, self.processor.tokenizer, self.media_root, self.speech_tokenizer, self.turn_gap_s, index
+        )
+        return serialize_duplex(sample, self.processor.tokenizer, **self.serializer_options)
+
+    def speech_units(self, serialized, row: int, first_turn_id: int) -> list[SpeechUnitTarget]:
+        """Speech targets of one serialized session; turn ids continue from `first_turn_id`."""
+        units, turn_ids = [], {}
+        has_speech = any(unit.speech_codes for unit in serialized.units)
+        if not has_speech:
+            return units
+        for unit in serialized.units:
+            if not unit.speak:
+                continue
+            starts_turn = unit.turn_index not in turn_ids
+            if starts_turn:
+                turn_ids[unit.turn_index] = first_turn_id + len(turn_ids)
+            may_stop = starts_turn or unit.end_of_turn
+            units.append(SpeechUnitTarget(
+                row=row,
+                turn=turn_ids[unit.turn_index],
+                positions=list(unit.tts_condition_positions),
+                codes=list(unit.speech_codes),
+                end_with_eos=may_stop and len(unit.speech_codes) < self.codes_per_unit,
+                text_eos=False,
+                where=f"session {row}, unit {unit.index}",
+            ))
+        return units
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        serialized = [self.serialize(row, index) for index, row in enumerate(rows)]
+        batch = dict(collate_duplex(serialized, self.processor))
+        units: list[SpeechUnitTarget] = []
+        for row, item in enumerate(serialized):
+            units += self.speech_units(item, row, first_turn_id=len({unit.turn for unit in units}))
+        batch.update(pack_speech_targets(units))
+        return batch
+
+
+__all__ = ["DuplexCollator"]

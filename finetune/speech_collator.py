@@ -1,0 +1,138 @@
+"""`collator: speech`: turn-based chat whose assistant answers are also spoken (speech-decoder targets).
+
+Row format (finetune/README.md, "Speech output"): an assistant message carries its speech target as
+`"speech": {"audio": "media/answer.wav"}` (encoded to S3 codes here, per batch) or `"speech": {"codes": [...]}`
+(precomputed 25 Hz S3 codes). The voice reference is an audio item of the system message.
+
+The spoken answer is rendered as the model generates it with `use_tts_template=True`:
+`<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n<|tts_bos|>TEXT<|tts_eos|><|im_end|>`. Text labels are those of
+`TurnBasedCollator` minus `<|tts_bos|>` (it belongs to the generation prompt), so TEXT, `<|tts_eos|>` and
+`<|im_end|>` are learned. The speech decoder is conditioned on TEXT's tokens and the LLM hidden states at their
+positions (spec §6), which the batch carries as `speech_*` tensors (see speech_targets).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from minicpmo.processing.media_loading_minicpmo import load_audio
+
+from .collators import CollatorConfigError, TurnBasedCollator
+from .data import normalize_conversation, resolve_media_path
+from .labels import IGNORE_INDEX
+from .speech_targets import SpeechTargetError, SpeechUnitTarget, pack_speech_targets
+
+TTS_BOS = "<|tts_bos|>"
+TTS_EOS = "<|tts_eos|>"
+
+
+def speech_target_of(message: dict) -> dict | None:
+    """The message's `speech` entry without null fields (datasets fills missing struct fields with None)."""
+    target = message.get("speech")
+    if target is None:
+        return None
+    if not isinstance(target, dict):
+        raise SpeechTargetError(f"`speech` must be a mapping with 'audio' or 'codes', got {type(target).__name__}")
+    return {key: value for key, value in target.items() if value is not None}
+
+
+def encode_speech(target: dict, speech_tokenizer, media_root, where: str) -> list[int]:
+    """Codes of one target: the precomputed `codes`, else `audio` (path) through the S3 speech tokenizer."""
+    if "codes" in target:
+        return [int(code) for code in target["codes"]]
+    if "audio" not in target:
+        raise SpeechTargetError(f"{where}: a speech target needs 'audio' (a wav path) or 'codes' (S3 codes)")
+    if speech_tokenizer is None:
+        raise SpeechTargetError(
+            f"{where}: encoding target audio needs a speech tokenizer; OmniSFTTrainer attaches the model's "
+            "token2wav.speech_tokenizer, or precompute 'codes'"
+        )
+    path = resolve_media_path(target["audio"], media_root)
+    return speech_tokenizer.encode(load_audio(path)).tolist()
+
+
+class SpeechCollator(TurnBasedCollator):
+    """Turn-based batch (`TurnBasedCollator` keys and labels) + speech-decoder targets (`speech_*`, see
+    speech_targets): one unit per spoken assistant answer, text_eos layout, EOS after the last code.
+
+    `speech_tokenizer` (an `S3SpeechTokenizer`) encodes target audio; `OmniSFTTrainer` sets it to the model's
+    `token2wav.speech_tokenizer` when left None. `require_voice_reference` insists on a system audio item in every
+    row that has speech.
+    """
+
+    def __init__(self, processor, media_root=None, speech_tokenizer=None, require_voice_reference: bool = True,
+                 **kwargs: Any):
+        super().__init__(processor, media_root=media_root, **kwargs)
+        self.speech_tokenizer = speech_tokenizer
+        self.require_voice_reference = require_voice_reference
+        tokenizer = processor.tokenizer
+        self.tts_bos_id = tokenizer.convert_tokens_to_ids(TTS_BOS)
+        self.tts_eos_id = tokenizer.convert_tokens_to_ids(TTS_EOS)
+
+    def conversation(self, row: dict, index: int) -> list[dict]:
+        """Validated messages with every spoken answer wrapped as `<|tts_bos|>TEXT<|tts_eos|>`."""
+        where = f"row {row.get('id', index)}"
+        messages = normalize_conversation(row["messages"], self.media_root, row=row.get("id", index))
+        spoken = 0
+        for message in messages:
+            target = speech_target_of(message) if message["role"] == "assistant" else None
+            if message["role"] != "assistant":
+                message.pop("speech", None)
+                continue
+            if any(item["type"] != "text" for item in message["content"]):
+                raise CollatorConfigError(
+                    f"{where}: assistant content must be text; put the answer's audio in `speech: {{audio: ...}}`"
+                )
+            if target is None:
+                continue
+            text = "".join(item["text"] for item in message["content"])
+            if TTS_BOS in text or TTS_EOS in text:
+                raise SpeechTargetError(f"{where}: assistant text must not contain {TTS_BOS} / {TTS_EOS}")
+            message["content"] = [{"type": "text", "text": TTS_BOS + text + TTS_EOS}]
+            spoken += 1
+        if spoken and self.require_voice_reference:
+            system = messages[0] if messages[0]["role"] == "system" else None
+            if system is None or not any(item["type"] == "audio" for item in system["content"]):
+                raise SpeechTargetError(
+                    f"{where}: a spoken answer needs a voice reference, an audio item in the system message "
+                    "(or set collator option require_voice_reference: false)"
+                )
+        return messages
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        conversations = [self.conversation(row, index) for index, row in enumerate(rows)]
+        batch = self.encode(conversations)
+        units, turn = [], 0
+        for row_index, (row, messages) in enumerate(zip(rows, conversations)):
+            where = f"row {row.get('id', row_index)}"
+            targets = [speech_target_of(message) for message in row["messages"] if message.get("role") == "assistant"]
+            targets = [target for target in targets if target is not None]
+            spans = self._spoken_spans(batch["input_ids"][row_index].tolist(), len(targets), where)
+            for (start, end), target in zip(spans, targets):
+                batch["labels"][row_index, start - 1] = IGNORE_INDEX  # <|tts_bos|> is part of the prompt
+                codes = encode_speech(target, self.speech_tokenizer, self.media_root, where)
+                units.append(SpeechUnitTarget(row_index, turn, list(range(start, end)), codes, True, True, where))
+                turn += 1
+        batch.update(pack_speech_targets(units))
+        return batch
+
+    def _spoken_spans(self, ids: list[int], expected: int, where: str) -> list[tuple[int, int]]:
+        """[start, end) of the tokens between each <|tts_bos|> and the next <|tts_eos|>."""
+        starts = [index for index, token in enumerate(ids) if token == self.tts_bos_id]
+        if len(starts) != expected:
+            raise SpeechTargetError(
+                f"{where}: found {len(starts)} {TTS_BOS} tokens but {expected} spoken answers; message text must not "
+                "contain TTS control tokens"
+            )
+        spans = []
+        for start in starts:
+            end = next((index for index in range(start + 1, len(ids)) if ids[index] == self.tts_eos_id), None)
+            if end is None:
+                raise SpeechTargetError(f"{where}: spoken answer at token {start} has no {TTS_EOS} (truncated?)")
+            spans.append((start + 1, end))
+        return spans
+
+
+__all__ = ["SpeechCollator", "encode_speech", "speech_target_of"]

@@ -1,0 +1,89 @@
+"""`OmniSFTTrainer`: TRL's `SFTTrainer` plus the speech-decoder loss, from one LLM forward.
+
+loss = text_loss_weight x (TRL's text loss, fused LM head, unchanged) + speech_loss_weight x speech loss.
+
+When a batch carries `speech_*` targets (collators `speech` and `duplex`, see speech_targets), the trainer pops
+them, lets `SFTTrainer.compute_loss` run the model as usual and catches the LLM's final-norm hidden states
+(`model.model`'s `last_hidden_state`) from that same forward with a forward hook. It gathers them at the spoken
+positions and runs the speech decoder with teacher forcing (`MiniCPMOSpeechDecoder.teacher_forced_forward`), so
+gradients reach the speech decoder and, through `projector_semantic`, the LLM. Batches without speech targets take
+exactly TRL's path.
+
+The speech loss is the mean cross-entropy over the batch's code targets; with gradient accumulation it is divided
+by the number of accumulation steps (TRL does the same with its MoE auxiliary loss). `speech_loss` and
+`text_loss` are logged next to `loss`.
+
+Multi-GPU: the speech decoder runs outside the DDP-wrapped forward, so set `ddp_find_unused_parameters: false`
+(every trainable parameter then gets a gradient each step: keep a speech target in every batch).
+"""
+
+from __future__ import annotations
+
+import torch
+from trl import SFTTrainer
+
+from .speech_targets import SPEECH_KEYS, speech_sequences
+
+
+class SpeechTrainingError(ValueError):
+    """Speech targets in a batch for a model that cannot use them (no speech decoder, no backbone)."""
+
+
+class OmniSFTTrainer(SFTTrainer):
+    """`SFTTrainer` whose loss adds the speech decoder's teacher-forced loss (see module docstring).
+
+    Extra arguments: `speech_loss_weight` (default 1.0) and `text_loss_weight` (default 1.0). On construction a
+    collator with a `speech_tokenizer` attribute left None gets the model's `token2wav.speech_tokenizer`, so target
+    audio can be encoded per batch (precomputed codes need none).
+    """
+
+    def __init__(self, *args, speech_loss_weight: float = 1.0, text_loss_weight: float = 1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.speech_loss_weight = float(speech_loss_weight)
+        self.text_loss_weight = float(text_loss_weight)
+        collator = self.data_collator
+        if hasattr(collator, "speech_tokenizer") and collator.speech_tokenizer is None:
+            token2wav = getattr(self._core_model(self.model), "token2wav", None)
+            collator.speech_tokenizer = getattr(token2wav, "speech_tokenizer", None)
+
+    def _core_model(self, model):
+        """The `MiniCPMOForConditionalGeneration` inside DDP / PEFT wrappers (LoRA layers stay in place)."""
+        model = self.accelerator.unwrap_model(model)
+        if hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        return model
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        targets = {key: inputs.pop(key) for key in SPEECH_KEYS if key in inputs}
+        if not targets or targets["speech_row"].numel() == 0:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        core = self._core_model(model)
+        if getattr(core, "tts", None) is None or not hasattr(core, "model"):
+            raise SpeechTrainingError("the batch has speech targets but the model has no speech decoder (`tts`)")
+        captured: list[torch.Tensor] = []
+
+        def keep_hidden(module, args, output):
+            if not captured:
+                captured.append(output.last_hidden_state)
+
+        handle = core.model.register_forward_hook(keep_hidden)
+        try:
+            result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                          num_items_in_batch=num_items_in_batch)
+        finally:
+            handle.remove()
+        text_loss, outputs = result if return_outputs else (result, None)
+        if not captured:
+            raise SpeechTrainingError("the LLM backbone did not run, so there are no hidden states for the speech loss")
+        sequences = speech_sequences(targets, inputs["input_ids"], captured[0])
+        speech = core.tts.teacher_forced_forward(sequences).loss
+        steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+        loss = self.text_loss_weight * text_loss + self.speech_loss_weight * speech.to(text_loss.device) / steps
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["speech_loss"].append(float(speech.detach()))
+        self._metrics[mode]["text_loss"].append(float(text_loss.detach()))
+        return (loss, outputs) if return_outputs else loss
+
+
+__all__ = ["OmniSFTTrainer", "SpeechTrainingError"]
