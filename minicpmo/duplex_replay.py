@@ -52,7 +52,7 @@ def read_recording(path: str | Path) -> tuple[np.ndarray, list]:
 
 def replay(model, processor, audio: np.ndarray, frames: list, system_prompt: str, ref_audio=None,
            **controls) -> ReplayResult:
-    """Run the session unit by unit; speech is laid down at the time of the unit that produced it."""
+    """Run the session unit by unit; a unit's speech is laid down from the end of that unit (when it can play)."""
     n_units = len(frames)
     padded = np.zeros(n_units * INPUT_RATE, dtype=np.float32)
     kept = min(audio.shape[0], padded.shape[0])
@@ -64,13 +64,15 @@ def replay(model, processor, audio: np.ndarray, frames: list, system_prompt: str
     try:
         for k in range(n_units):
             result = session.step(padded[k * INPUT_RATE : (k + 1) * INPUT_RATE], frames[k])
-            start = int(round(result.time_s * OUTPUT_RATE))
+            # A unit's speech can only play once the unit's input has been heard: from its end on.
+            start = int(round((result.time_s + 1.0) * OUTPUT_RATE))
             if result.interrupted:
                 cursor = start  # barge-in: queued speech is dropped
             if result.audio is not None and result.audio.size:
                 cursor = max(cursor, start)
                 end = min(cursor + result.audio.shape[0], output.shape[0])
-                output[cursor:end] = result.audio[: end - cursor]
+                if end > cursor:  # speech past the end of the recording is cut, as in real time
+                    output[cursor:end] = result.audio[: end - cursor]
                 cursor += result.audio.shape[0]
             events.append({
                 "unit": result.unit_index, "time_s": result.time_s,

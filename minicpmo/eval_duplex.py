@@ -154,10 +154,10 @@ def plot_timeline(episode: Episode, events: list[dict], path: str | Path, output
             model_ax.broken_barh([(event["time_s"] + unit_s, unit_s)], (0.45, 0.2), facecolors="tab:orange",
                                  edgecolors="white")
     if output_audio is not None and np.any(output_audio):
-        # replay lays a unit's audio at the unit's start; shift it to when it can be played, like the bars
+        # replay already lays a unit's audio from the end of that unit, when it can be played
         times, peak = _envelope(np.asarray(output_audio, dtype=np.float32), OUTPUT_RATE)
         peak = 0.15 * peak / max(float(peak.max()), 1e-6)
-        model_ax.fill_between(times + unit_s, 0.8 - peak, 0.8 + peak, color="tab:red", linewidth=0)
+        model_ax.fill_between(times, 0.8 - peak, 0.8 + peak, color="tab:red", linewidth=0)
     model_ax.set_ylim(0, 1)
     model_ax.set_yticks([0.15, 0.55, 0.8], ["reference", "model (played)", "model audio"], fontsize=7)
     model_ax.set_ylabel("assistant")
