@@ -22,22 +22,26 @@ class ConversationFormatError(ValueError):
     """A training row that does not follow the chat data format (names the row and the problem)."""
 
 
-def load_conversations(source: str | os.PathLike, split: str = "train"):
-    """A `datasets.Dataset` with a `messages` column, from a .jsonl/.json file or a `save_to_disk` folder."""
+def load_rows(source: str | os.PathLike, split: str = "train", error=None):
+    """A `datasets.Dataset` from a .jsonl/.json file or a `save_to_disk` folder (shared by every data format)."""
     import datasets
 
+    error = error or ConversationFormatError
     path = Path(source)
     if path.is_dir():
         loaded = datasets.load_from_disk(str(path))
-        dataset = loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
-    elif path.is_file() and path.suffix in (".jsonl", ".json"):
-        dataset = datasets.load_dataset("json", data_files=str(path), split="train")
-    elif not path.exists():
+        return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+    if path.is_file() and path.suffix in (".jsonl", ".json"):
+        return datasets.load_dataset("json", data_files=str(path), split="train")
+    if not path.exists():
         raise FileNotFoundError(f"training data not found: {str(path)!r}")
-    else:
-        raise ConversationFormatError(
-            f"unsupported data file {str(path)!r}: use a .jsonl file or a folder written by Dataset.save_to_disk"
-        )
+    raise error(f"unsupported data file {str(path)!r}: use a .jsonl file or a folder written by Dataset.save_to_disk")
+
+
+def load_conversations(source: str | os.PathLike, split: str = "train"):
+    """A `datasets.Dataset` with a `messages` column, from a .jsonl/.json file or a `save_to_disk` folder."""
+    path = Path(source)
+    dataset = load_rows(source, split)
     if "messages" not in dataset.column_names:
         raise ConversationFormatError(
             f"{str(path)!r} has columns {dataset.column_names}; the chat format needs a 'messages' column"

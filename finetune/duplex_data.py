@@ -23,7 +23,7 @@ from typing import Any
 from minicpmo.processing.duplex_serializer_minicpmo import DuplexSample, TimedToken
 from minicpmo.processing.media_loading_minicpmo import load_audio, load_image
 
-from .data import ConversationFormatError, resolve_media_path
+from .data import ConversationFormatError, load_rows, resolve_media_path
 
 
 class DuplexFormatError(ConversationFormatError):
@@ -32,18 +32,8 @@ class DuplexFormatError(ConversationFormatError):
 
 def load_duplex_sessions(source: str | os.PathLike, split: str = "train"):
     """A `datasets.Dataset` of duplex session rows from a .jsonl file or a `save_to_disk` folder."""
-    import datasets
-
     path = Path(source)
-    if path.is_dir():
-        loaded = datasets.load_from_disk(str(path))
-        dataset = loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
-    elif path.is_file() and path.suffix in (".jsonl", ".json"):
-        dataset = datasets.load_dataset("json", data_files=str(path), split="train")
-    elif not path.exists():
-        raise FileNotFoundError(f"training data not found: {str(path)!r}")
-    else:
-        raise DuplexFormatError(f"unsupported data file {str(path)!r}: use .jsonl or a Dataset.save_to_disk folder")
+    dataset = load_rows(source, split, DuplexFormatError)
     columns = set(dataset.column_names)
     if "user_audio" not in columns or not columns & {"assistant_words", "assistant_tokens"}:
         raise DuplexFormatError(
