@@ -34,7 +34,8 @@ def rss_mb() -> float:
 
 def mid_config():
     return tiny_config(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                       num_key_value_heads=2, head_dim=64)
+                       num_key_value_heads=2, head_dim=64,
+                       tts_config={**tiny_config().tts_config.to_dict(), "llm_dim": 896})
 
 
 def run(model, processor, n_units, frame_every, speak_every, voice):

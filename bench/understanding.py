@@ -27,6 +27,7 @@ def mid_config():
         num_attention_heads=14,
         num_key_value_heads=2,
         head_dim=64,
+        tts_config={**tiny_config().tts_config.to_dict(), "llm_dim": 896},
         vision_config=dict(
             model_type="siglip_vision_model", hidden_size=384, intermediate_size=1536, num_hidden_layers=6,
             num_attention_heads=6, image_size=980, patch_size=14,

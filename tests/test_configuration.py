@@ -49,6 +49,7 @@ def test_tiny_config_round_trip(tmp_path):
         (dict(slice_config=dict(max_slice_nums=0)), "max_slice_nums"),
         (dict(slice_config=dict(patch_size=16)), "patch_size"),
         (dict(tts_config=dict(hidden_size=30, num_attention_heads=4)), "divisible"),
+        (dict(hidden_size=128), "llm_dim"),
     ],
 )
 def test_bad_values_raise_typed_errors(overrides, message):

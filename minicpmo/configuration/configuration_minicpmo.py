@@ -179,6 +179,11 @@ class MiniCPMOConfig(Qwen3Config):
             lambda: self.audio_config.encoder_ffn_dim % 4 == 0,
             f"audio_config.encoder_ffn_dim ({self.audio_config.encoder_ffn_dim}) must be divisible by 4",
         )
+        _require(
+            lambda: not self.init_tts or self.tts_config.llm_dim == self.hidden_size,
+            f"tts_config.llm_dim ({self.tts_config.llm_dim}) must equal hidden_size ({self.hidden_size}): the speech "
+            "decoder reads the LLM's hidden states",
+        )
         # Official attributes derived from the sub-configs.
         self.slice_mode = True
         self.patch_size = self.vision_config.patch_size
