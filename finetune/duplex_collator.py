@@ -2,7 +2,8 @@
 
 Each row (format in duplex_data) becomes a `DuplexSample`, is serialized by
 `minicpmo.processing.duplex_serializer_minicpmo.serialize_duplex` into the unit layout the live loop builds, and
-the sessions are batched by `collate_duplex` (right padded; per-unit audio pieces and frames). LM labels sit on
+the sessions are batched by `collate_duplex` (right padded; the session audio cut into the pieces the live
+Whisper cache would see, so training features match streaming inference; frames per unit). LM labels sit on
 `<|listen|>` / `<|speak|>`, the unit text, `<|turn_eos|>` and `<|chunk_eos|>` only.
 
 Speech targets (`speech_*`, see speech_targets): one unit per speaking unit, the units of an assistant turn forming

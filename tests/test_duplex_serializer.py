@@ -373,9 +373,10 @@ def test_model_inputs_match_slots():
     n_units = len(out.units)
     assert inputs["input_ids"].shape == (1, out.input_ids.shape[0])
     assert torch.equal(inputs["labels"][0], out.labels)
-    assert inputs["input_features"].shape == (1 + n_units, 80, 200)  # ref (2 s) + one 1-s piece per unit
+    # ref (2 s, offline) + the unit audio as one streaming piece: 100 core frames per unit + 1 right-context frame
+    assert inputs["input_features"].shape == (2, 80, 100 * n_units + 1)
     frames_per_piece = inputs["input_features_mask"].sum(-1).tolist()
-    assert frames_per_piece == [200] + [100] * n_units
+    assert frames_per_piece == [200, 100 * n_units + 1]
     from minicpmo.processing.feature_extraction_minicpmo import frames_to_token_count
 
     assert sum(frames_to_token_count(n) for n in frames_per_piece) == int(out.audio_slot_mask.sum())
@@ -393,10 +394,11 @@ def test_collate_pads_right_and_orders_features():
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (2, length)
     short = first.input_ids.shape[0]
     assert batch["attention_mask"][0].sum() == short and (batch["labels"][0, short:] == IGNORE_INDEX).all()
-    assert batch["input_features"].shape[0] == len(first.units) + len(second.units)
+    # one streaming piece per session (both are far below the 29-unit cache reset), in batch order
+    assert batch["input_features_mask"].sum(-1).tolist() == [100 * len(first.units) + 1, 100 * len(second.units) + 1]
     assert batch["pixel_values"].shape[0] == sum(u.has_frame for u in first.units)
     image, audio = duplex_slot_masks(batch["input_ids"].flatten().tolist())
-    assert audio.sum() == 10 * batch["input_features"].shape[0]
+    assert audio.sum() == 10 * (len(first.units) + len(second.units))
 
 
 def test_tiny_model_encoders_fill_the_serialized_slots_exactly():

@@ -71,7 +71,8 @@ def test_duplex_collator_batch_labels_and_speech_units(processor, sessions):
     batch = collator(rows)
     ids, labels = batch["input_ids"], batch["labels"]
     assert ids.shape == labels.shape == batch["attention_mask"].shape and ids.shape[0] == 3
-    assert batch["input_features"].shape[:2] == (3 * 3, 80)  # one 1-s piece per unit
+    # one piece per session (3 units), cut as the live Whisper cache would be: features match streaming inference
+    assert batch["input_features"].shape[:2] == (3, 80) and batch["input_features_mask"].sum(-1).tolist() == [301] * 3
     assert "pixel_values" not in batch  # no frames
     labelled = ids[labels != IGNORE_INDEX].tolist()
     assert set(labelled) <= {LISTEN, SPEAK, TURN_EOS, CHUNK_EOS, HELLO, THERE, OK_ID}

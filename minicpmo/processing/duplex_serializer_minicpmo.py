@@ -20,6 +20,16 @@ Rules (paper "TAIL", spec sections 6 and 8):
 - A turn stays open (speaking units, possibly with no text) until its text and all of its speech have been
   emitted; the unit that completes it carries `<|turn_eos|>`. Units outside any turn are listen units.
 - If text or speech is still pending after the recorded audio ends, silent units (zero audio) are appended.
+
+Audio features (`collate_duplex`) are those the live loop computes, not one isolated 1-s piece per unit: the unit
+audio goes through the inference front end (`StreamingMelProcessor`, exact mode, 1-s chunks, first chunk left-padded
+to 1035 ms) and the emitted chunks are grouped into pieces at the points where the streaming Whisper cache resets
+(`needs_cache_reset`; every 29 units with 1500 positions). Each piece is the stitched core mel of its chunks plus
+the first right-redundancy frame of its last chunk (the conv's right context; one more encoder frame that falls in
+an attention chunk no real frame sees and that pooling drops, so a unit keeps exactly 10 tokens). Encoded offline
+with the model's 1-s block-causal mask, unit k then gets what `encode_unit` gives it live. One seam stays: live, the
+first unit after a cache reset convolves with its 2 left-redundancy mel frames, offline a piece starts with the
+conv's zero padding (the encoder's offline forward has no left-context input).
 """
 
 from __future__ import annotations
@@ -34,6 +44,8 @@ import torch
 from PIL import Image
 from transformers.feature_extraction_utils import BatchFeature
 
+from ..modeling.modeling_audio import encoder_frames_from_mel_frames
+from ..modeling.modeling_duplex_audio import needs_cache_reset
 from .duplex_layout_minicpmo import (
     DEFAULT_DUPLEX_SYSTEM_TEXT,
     IMAGE_SLOTS_PER_FRAME,
@@ -47,8 +59,10 @@ from .feature_extraction_minicpmo import (
     SAMPLING_RATE,
     UnsupportedSamplingRateError,
     audio_token_count,
+    frames_to_token_count,
     validate_waveform,
 )
+from .streaming_mel_minicpmo import StreamingMelProcessor
 
 
 SPEECH_CODE_RATE = 25  # S3 speech codes per second
@@ -138,14 +152,18 @@ class DuplexSerialized:
     audio_slot_mask: torch.BoolTensor
     system_length: int
     units: list[DuplexUnit]
-    audio_chunks: list[np.ndarray]  # one float32 16 kHz array per unit, the last ones zero-padded
+    audio_chunks: list[np.ndarray]  # raw float32 16 kHz audio of each unit, the last ones zero-padded
     unit_frames: list[Image.Image | None]
     ref_audio: np.ndarray | None
     unit_seconds: float
 
-    def model_inputs(self, processor, return_tensors: str | None = "pt") -> BatchFeature:
-        """Encoder inputs for a model forward of this one session (batch of 1); see `collate_duplex`."""
-        return collate_duplex([self], processor, return_tensors=return_tensors)
+    def model_inputs(
+        self, processor, return_tensors: str | None = "pt", max_source_positions: int | None = None
+    ) -> BatchFeature:
+        """Model inputs of this one session (batch of 1), audio as the live loop encodes it; see `collate_duplex`."""
+        return collate_duplex(
+            [self], processor, return_tensors=return_tensors, max_source_positions=max_source_positions
+        )
 
 
 def _check_unit_geometry(unit_seconds: float, codes_per_unit: int | None) -> tuple[int, int, int]:
@@ -442,41 +460,118 @@ def serialize_duplex(
     )
 
 
-def collate_duplex(
-    items: Sequence[DuplexSerialized], processor, return_tensors: str | None = "pt", pad_token_id: int | None = None
-) -> BatchFeature:
-    """Batch serialized sessions (right padded) with their encoder inputs, ready for a model forward.
+def streaming_audio_pieces(
+    unit_audio: np.ndarray, streaming_mel: StreamingMelProcessor, max_source_positions: int
+) -> list[torch.Tensor]:
+    """One session's unit audio (16 kHz) -> log-mel pieces [n_mels, T_i], one per streaming Whisper cache segment.
 
-    Returns `input_ids`, `attention_mask`, `labels` [B, L_max]; `input_features` [N_pieces, 80, T] and
-    `input_features_mask` [N_pieces, T] with, per session in order, the reference audio (if any, in 30 s pieces)
-    and then every unit chunk as its own piece (1 s -> 100 mel frames -> 10 audio tokens); `pixel_values`
-    [N_frames, 3, 14, L*14] and `tgt_sizes` [N_frames, 2] for the unit frames as single 448-class thumbnails
-    (max_slice_nums=1, no image id). Features follow the slot reading order, row-major over the batch.
+    The audio goes through the inference front end one chunk (1 s) per call, as the live loop feeds it, and a new
+    piece starts before every chunk at which `encode_unit` would empty its cache (`needs_cache_reset`). A piece is
+    the core frames of its chunks plus the first right-redundancy frame of its last chunk: the conv's right context,
+    which adds one encoder frame that no real frame attends to (it opens a new 1-s attention chunk) and pooling drops.
+    A partial last chunk (units that are not whole seconds) is cut to its real frames and gets no right context.
+    Per 1 s of audio a piece yields 100 mel frames -> 50 encoder frames -> 10 tokens.
+    """
+    chunk_samples, core_frames = streaming_mel.chunk_samples, streaming_mel.chunk_frames
+    total_frames = unit_audio.shape[0] // streaming_mel.hop_length
+    n_chunks = math.ceil(unit_audio.shape[0] / chunk_samples)
+    stream = np.zeros(n_chunks * chunk_samples, dtype=np.float32)
+    stream[: unit_audio.shape[0]] = unit_audio
+    kept_frames_per_chunk = encoder_frames_from_mel_frames(core_frames)
+    pieces, current, right_context, cached, state = [], [], [], 0, None
+    for index in range(n_chunks):
+        mel, state = streaming_mel.step(stream[index * chunk_samples : (index + 1) * chunk_samples], state)
+        if mel is None:
+            raise DuplexSampleError(
+                "the streaming mel emitted no chunk for a full 1-s unit; it must pad its first chunk as the live "
+                "duplex loop does (pad_first_chunk=True)"
+            )
+        if needs_cache_reset(cached, mel.shape[-1], max_source_positions):
+            pieces.append(torch.cat(current + right_context, dim=-1))
+            current, cached = [], 0
+        left = 0 if index == 0 else streaming_mel.redundancy_frames
+        frames = min(core_frames, total_frames - index * core_frames)
+        current.append(mel[0, :, left : left + frames])
+        cached += kept_frames_per_chunk
+        right = left + core_frames
+        right_context = [mel[0, :, right : right + 1]] if frames == core_frames and mel.shape[-1] > right else []
+    pieces.append(torch.cat(current + right_context, dim=-1))
+    return pieces
+
+
+def _right_padded(pieces: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mel pieces [n_mels, T_i] -> features [N, n_mels, T_max] (zero padded) and mask [N, T_max] (1 = real frame)."""
+    longest = max(piece.shape[-1] for piece in pieces)
+    features = torch.zeros((len(pieces), pieces[0].shape[0], longest), dtype=torch.float32)
+    mask = torch.zeros((len(pieces), longest), dtype=torch.long)
+    for row, piece in enumerate(pieces):
+        features[row, :, : piece.shape[-1]] = piece
+        mask[row, : piece.shape[-1]] = 1
+    return features, mask
+
+
+def collate_duplex(
+    items: Sequence[DuplexSerialized],
+    processor,
+    return_tensors: str | None = "pt",
+    pad_token_id: int | None = None,
+    max_source_positions: int | None = None,
+) -> BatchFeature:
+    """Batch serialized sessions (right padded) with the encoder inputs the live duplex loop would compute.
+
+    Returns `input_ids`, `attention_mask`, `labels` [B, L_max]; `input_features` [N_pieces, 80, T_max] and
+    `input_features_mask` [N_pieces, T_max] with, per session in slot reading order, the reference audio (if any;
+    offline features in 30 s pieces, as the live system prefix) and then the unit audio as streaming pieces (see
+    `streaming_audio_pieces`: one piece per Whisper cache segment, i.e. up to 29 units = 2901 frames with 1500
+    positions; 10 tokens per unit); `pixel_values` [N_frames, 3, 14, L*14] and `tgt_sizes` [N_frames, 2] for the
+    unit frames as single 448-class thumbnails (max_slice_nums=1, no image id). Sessions follow one another.
+
+    `max_source_positions` is the audio encoder's position table (`config.audio_config.max_source_positions`); None
+    takes the extractor's 30 s (3000 mel frames -> 1500), Whisper's and MiniCPM-o's value. Building the streaming
+    mel costs one log-mel over the (at most 30 s) buffer per unit, about 6 ms per second of audio on one CPU core.
     """
     if not items:
         raise DuplexSampleError("collate_duplex needs at least one serialized session")
     if return_tensors not in ("pt", None):
         raise DuplexSampleError(f"collate_duplex returns torch tensors; return_tensors={return_tensors!r} unsupported")
+    extractor = processor.feature_extractor
+    streaming_mel = StreamingMelProcessor(feature_extractor=extractor)
+    if max_source_positions is None:
+        max_source_positions = encoder_frames_from_mel_frames(int(extractor.nb_max_frames))
+    one_unit = encoder_frames_from_mel_frames(streaming_mel.chunk_frames + 1)
+    if not isinstance(max_source_positions, int) or max_source_positions <= one_unit:
+        raise DuplexSampleError(
+            f"max_source_positions must be an int above {one_unit} (one 1-s unit and its right context), got "
+            f"{max_source_positions!r}"
+        )
     if pad_token_id is None:
         pad_token_id = processor.tokenizer.convert_tokens_to_ids("<|endoftext|>")
     longest = max(int(item.input_ids.shape[0]) for item in items)
     input_ids = torch.full((len(items), longest), int(pad_token_id), dtype=torch.long)
     labels = torch.full((len(items), longest), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(items), longest), dtype=torch.long)
-    waveforms, frames = [], []
+    pieces, frames = [], []
     for row, item in enumerate(items):
         length = int(item.input_ids.shape[0])
         input_ids[row, :length] = item.input_ids
         labels[row, :length] = item.labels
         attention_mask[row, :length] = 1
+        item_pieces = []
         if item.ref_audio is not None:
-            waveforms.append(item.ref_audio)
-        waveforms.extend(item.audio_chunks)
+            reference = extractor([item.ref_audio], return_tensors="pt")
+            for features, mask in zip(reference["input_features"], reference["input_features_mask"]):
+                item_pieces.append(features[:, : int(mask.sum())])
+        item_pieces += streaming_audio_pieces(np.concatenate(item.audio_chunks), streaming_mel, max_source_positions)
+        tokens = sum(frames_to_token_count(piece.shape[-1], extractor.audio_pool_step) for piece in item_pieces)
+        if tokens != int(item.audio_slot_mask.sum()):
+            raise DuplexSampleError(
+                f"session {row}: {int(item.audio_slot_mask.sum())} audio slots but its audio pieces give {tokens} "
+                f"tokens; duplex units must be a multiple of 0.1 s (unit_seconds={item.unit_seconds})"
+            )
+        pieces += item_pieces
         frames.extend(frame for frame in item.unit_frames if frame is not None)
     data: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-    features = processor.feature_extractor(waveforms)
-    data["input_features"] = torch.from_numpy(np.asarray(features["input_features"]))
-    data["input_features_mask"] = torch.from_numpy(np.asarray(features["input_features_mask"]))
+    data["input_features"], data["input_features_mask"] = _right_padded(pieces)
     if frames:
         sliced = processor.image_processor.preprocess(frames, max_slice_nums=1)
         strips = [strip for per_image in sliced["pixel_values"] for strip in per_image]
