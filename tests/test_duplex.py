@@ -135,7 +135,11 @@ def test_bad_unit_audio_is_a_typed_error_and_the_session_survives():
         session.step(np.zeros((2, 16000), dtype=np.float32))
     with pytest.raises(InvalidAudioError, match="NaN"):
         session.step(np.full(16000, np.nan, dtype=np.float32))
-    assert session.step(units(1)[0]).time_s == 0.0
+    from PIL import Image
+
+    with pytest.raises(ValueError, match="pixel|size|small"):
+        session.step(units(1)[0], Image.new("RGB", (1, 1)))
+    assert session.step(units(1)[0]).time_s == 0.0  # nothing of the bad units entered the session
 
 
 def test_tail_playback_clock_shrinks_the_text_budget_when_speech_lags():
