@@ -24,6 +24,7 @@ from .modeling_cache_window import drop_cache_span
 from .modeling_duplex_audio import DuplexAudioEncoderState, encode_unit
 from .modeling_multimodal_merge import scatter_into_slots
 from .modeling_speech_decoder import SpeechSamplingConfig
+from .modeling_speech_output import text_logits_processors
 
 UNIT_SAMPLES = 16000
 OUTPUT_SAMPLE_RATE = 24000
@@ -184,17 +185,9 @@ def _choose_token(runtime: DuplexRuntime, logits: torch.Tensor, generated: list,
         scores[tok.turn_eos] = eos / cfg.length_penalty if eos > 0 else eos * cfg.length_penalty
     if not cfg.do_sample:
         return int(scores.argmax())
-    scores = scores / cfg.temperature
-    if cfg.top_k:
-        threshold = torch.topk(scores, min(cfg.top_k, int(torch.isfinite(scores).sum()))).values[-1]
-        scores[scores < threshold] = float("-inf")
-    probs = scores.softmax(-1)
-    if cfg.top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        outside = sorted_probs.cumsum(0) - sorted_probs > cfg.top_p
-        probs[order[outside]] = 0.0
-        probs = probs / probs.sum()
-    return int(torch.multinomial(probs, 1, generator=runtime.generator))
+    warpers = text_logits_processors(True, cfg.temperature, cfg.top_p, cfg.top_k)
+    scores = warpers(torch.empty(1, 0, dtype=torch.long), scores[None])[0]
+    return int(torch.multinomial(scores.softmax(-1), 1, generator=runtime.generator))
 
 
 def _speak_budget(runtime: DuplexRuntime, state: DuplexState, now_s: float) -> int:

@@ -67,6 +67,21 @@ def spoken_span(token_ids: list[int], prompt_length: int) -> tuple[int, int]:
     return start, end
 
 
+def text_logits_processors(do_sample: bool, temperature: float, top_p: float, top_k: int,
+                           repetition_penalty: float | None = None) -> LogitsProcessorList:
+    """transformers' penalty and warpers for hand-driven text decoding (chat streaming, duplex units)."""
+    processors = LogitsProcessorList()
+    if repetition_penalty and repetition_penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
+    if do_sample:
+        processors.append(TemperatureLogitsWarper(temperature))
+        if top_k:
+            processors.append(TopKLogitsWarper(top_k))
+        if top_p < 1.0:
+            processors.append(TopPLogitsWarper(top_p))
+    return processors
+
+
 def find_reference_audio(msgs: list[dict]):
     """The voice to clone: an audio item of the system message, else the first audio in the conversation."""
     for wanted_roles in (("system",), ("user", "assistant")):
@@ -168,24 +183,12 @@ class MiniCPMOSpeechOutputMixin:
             return text
         return text, np.concatenate([p.audio for p in parts]) if parts else np.zeros(0, np.float32)
 
-    def _text_logits_processors(self, do_sample, temperature, top_p, top_k, repetition_penalty):
-        processors = LogitsProcessorList()
-        if repetition_penalty and repetition_penalty != 1.0:
-            processors.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
-        if do_sample:
-            processors.append(TemperatureLogitsWarper(temperature))
-            if top_k:
-                processors.append(TopKLogitsWarper(top_k))
-            if top_p < 1.0:
-                processors.append(TopPLogitsWarper(top_p))
-        return processors
-
     @torch.no_grad()
     def _stream_chat(self, inputs, tokenizer, voice, *, max_new_tokens, min_new_tokens, do_sample, temperature, top_p,
                      top_k, repetition_penalty, speech_sampling, n_timesteps, text_chunk_tokens,
                      max_codes_per_chunk, seed) -> Iterator[ChatChunk]:
         generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
-        processors = self._text_logits_processors(do_sample, temperature, top_p, top_k, repetition_penalty)
+        processors = text_logits_processors(do_sample, temperature, top_p, top_k, repetition_penalty)
         stop_ids = (TTS_EOS_TOKEN_ID, *TEXT_STOP_TOKEN_IDS)
         tts_state = self.tts.new_stream_state(seed) if voice is not None else None
         wav_state = self.token2wav.start_stream(voice, n_timesteps=n_timesteps) if voice is not None else None
