@@ -28,7 +28,7 @@ from .modeling_audio import (
 from .modeling_duplex import MiniCPMODuplexMixin
 from .modeling_multimodal_merge import scatter_into_slots, span_slot_mask
 from .modeling_resampler import MiniCPMOResampler
-from .modeling_speech_decoder import MiniCPMOSpeechDecoder, init_weight_norm_parametrization
+from .modeling_speech_decoder import MiniCPMOSpeechDecoder
 from .modeling_speech_output import MiniCPMOSpeechOutputMixin
 from .modeling_token2wav import MiniCPMOToken2Wav, Token2WavConfig, init_token2wav_weights
 from .modeling_vision import MiniCPMOVisionTransformer
@@ -72,11 +72,10 @@ class MiniCPMOPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module):
         super()._init_weights(module)
         std = self.config.initializer_range
-        if init_weight_norm_parametrization(module, std=std):
+        if init_token2wav_weights(module, std):  # also every weight-norm pair (speech decoder head included)
             return
-        init_token2wav_weights(module, std)
         if isinstance(module, MiniCPMOResampler):
-            module.reset_parameters_and_buffers(std=self.config.initializer_range)
+            module.reset_parameters_and_buffers(std=std)
         elif isinstance(module, MiniCPMOAudioPositionEmbedding):
             module.reset_parameters()
 
