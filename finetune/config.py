@@ -10,6 +10,8 @@
     merge_adapter: false                                            (also write OUTPUT_DIR/merged after training)
     speech_loss_weight: 1.0                                         (speech-decoder loss weight; speech/duplex)
     text_loss_weight: 1.0                                           (LM loss weight)
+    labelled_logits_only: false                                     (LM head only at labelled positions: same
+                                                                     loss, much faster on CPU for duplex data)
 
 Relative paths are taken from the current directory (run recipes from the repository root).
 """
@@ -26,7 +28,7 @@ import yaml
 
 TOP_LEVEL_KEYS = (
     "model", "processor", "dtype", "data", "collator", "preset", "lora", "sft", "merge_adapter", "seed",
-    "speech_loss_weight", "text_loss_weight",
+    "speech_loss_weight", "text_loss_weight", "labelled_logits_only",
 )
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -50,6 +52,7 @@ class Recipe:
     merge_adapter: bool = False
     speech_loss_weight: float = 1.0
     text_loss_weight: float = 1.0
+    labelled_logits_only: bool = False
 
     @property
     def collator_name(self) -> str:
@@ -122,6 +125,9 @@ def recipe_from_dict(raw: dict) -> Recipe:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
             raise RecipeError(f"`{key}:` must be a number >= 0, got {value!r}")
         weights[key] = float(value)
+    labelled_only = raw.get("labelled_logits_only", False)
+    if not isinstance(labelled_only, bool):
+        raise RecipeError(f"`labelled_logits_only:` must be true or false, got {labelled_only!r}")
     sft = dict(raw.get("sft") or {})
     if "seed" in raw:
         sft.setdefault("seed", raw["seed"])
@@ -137,6 +143,7 @@ def recipe_from_dict(raw: dict) -> Recipe:
         lora=dict(raw.get("lora") or {}),
         sft=sft,
         merge_adapter=bool(raw.get("merge_adapter", False)),
+        labelled_logits_only=labelled_only,
         **weights,
     )
 

@@ -19,7 +19,12 @@ from typing import Any
 
 import torch
 
-from minicpmo.processing.duplex_serializer_minicpmo import SPEECH_CODE_RATE, collate_duplex, serialize_duplex
+from minicpmo.processing.duplex_serializer_minicpmo import (
+    SPEECH_CODE_RATE,
+    DuplexSample,
+    collate_duplex,
+    serialize_duplex,
+)
 
 from .duplex_data import session_from_row
 from .speech_targets import SpeechUnitTarget, pack_speech_targets
@@ -29,8 +34,10 @@ class DuplexCollator:
     """Rows of duplex sessions -> `input_ids` / `attention_mask` / `labels` [B, L], `input_features` [N_pieces, 80, T]
     + `input_features_mask`, optional `pixel_values` + `tgt_sizes`, and the `speech_*` targets.
 
-    Serializer options (`unit_seconds`, `max_speak_tokens_per_unit`, `lookahead_tokens`, `codes_per_unit`,
-    `force_listen_count`, `turn_gap_s`) pass through to `serialize_duplex`. `speech_tokenizer` encodes
+    Rows are JSONL mappings (duplex_data format) or ready `DuplexSample`s (in-memory sessions, e.g. synthetic
+    episodes). Serializer options (`unit_seconds`, `max_speak_tokens_per_unit`, `lookahead_tokens`,
+    `codes_per_unit`, `force_listen_count`, `turn_gap_s`, `image_slots`: default the processor's
+    `image_feature_size`, which must equal the model's `query_num`) pass through to `serialize_duplex`. `speech_tokenizer` encodes
     `assistant_speech.audio` (OmniSFTTrainer attaches the model's when None).
     """
 
@@ -45,6 +52,7 @@ class DuplexCollator:
         codes_per_unit: int | None = None,
         force_listen_count: int = 0,
         turn_gap_s: float = 1.0,
+        image_slots: int | None = None,
     ):
         self.processor = processor
         self.media_root = media_root
@@ -58,12 +66,16 @@ class DuplexCollator:
             codes_per_unit=codes_per_unit,
             force_listen_count=force_listen_count,
             turn_gap_s=turn_gap_s,
+            image_slots=int(image_slots or processor.image_processor.image_feature_size),
         )
 
-    def serialize(self, row: dict, index: int = 0):
-        sample = session_from_row(
-            row, self.processor.tokenizer, self.media_root, self.speech_tokenizer, self.turn_gap_s, index
-        )
+    def serialize(self, row, index: int = 0):
+        if isinstance(row, DuplexSample):
+            sample = row
+        else:
+            sample = session_from_row(
+                row, self.processor.tokenizer, self.media_root, self.speech_tokenizer, self.turn_gap_s, index
+            )
         return serialize_duplex(sample, self.processor.tokenizer, **self.serializer_options)
 
     def speech_units(self, serialized, row: int, first_turn_id: int) -> list[SpeechUnitTarget]:

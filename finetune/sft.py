@@ -113,6 +113,7 @@ def build_trainer(recipe: Recipe, output_dir: str | None = None, model=None, pro
         callbacks=callbacks,
         speech_loss_weight=recipe.speech_loss_weight,
         text_loss_weight=recipe.text_loss_weight,
+        labelled_logits_only=recipe.labelled_logits_only,
     )
 
 

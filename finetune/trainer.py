@@ -1,6 +1,8 @@
 """`OmniSFTTrainer`: TRL's `SFTTrainer` plus the speech-decoder loss, from one LLM forward.
 
 loss = text_loss_weight x (TRL's text loss, fused LM head, unchanged) + speech_loss_weight x speech loss.
+With `labelled_logits_only=True` the text loss is instead computed from the LM head at the labelled positions
+only (`labelled_cross_entropy`, same value, no TRL entropy/accuracy metrics).
 
 When a batch carries `speech_*` targets (collators `speech` and `duplex`, see speech_targets), the trainer pops
 them, lets `SFTTrainer.compute_loss` run the model as usual and catches the LLM's final-norm hidden states
@@ -37,10 +39,12 @@ class OmniSFTTrainer(SFTTrainer):
     audio can be encoded per batch (precomputed codes need none).
     """
 
-    def __init__(self, *args, speech_loss_weight: float = 1.0, text_loss_weight: float = 1.0, **kwargs):
+    def __init__(self, *args, speech_loss_weight: float = 1.0, text_loss_weight: float = 1.0,
+                 labelled_logits_only: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.speech_loss_weight = float(speech_loss_weight)
         self.text_loss_weight = float(text_loss_weight)
+        self.labelled_logits_only = bool(labelled_logits_only)
         collator = self.data_collator
         if hasattr(collator, "speech_tokenizer") and collator.speech_tokenizer is None:
             token2wav = getattr(self._core_model(self.model), "token2wav", None)
@@ -55,12 +59,15 @@ class OmniSFTTrainer(SFTTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         targets = {key: inputs.pop(key) for key in SPEECH_KEYS if key in inputs}
-        if not targets or targets["speech_row"].numel() == 0:
+        has_speech = bool(targets) and targets["speech_row"].numel() > 0
+        if not has_speech and not self.labelled_logits_only:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
         core = self._core_model(model)
-        if getattr(core, "tts", None) is None or not hasattr(core, "model"):
+        if has_speech and getattr(core, "tts", None) is None:
             raise SpeechTrainingError("the batch has speech targets but the model has no speech decoder (`tts`)")
+        if not hasattr(core, "model"):
+            raise SpeechTrainingError("the model has no `model` backbone whose hidden states the losses read")
         captured: list[torch.Tensor] = []
 
         def keep_hidden(module, args, output):
@@ -69,21 +76,47 @@ class OmniSFTTrainer(SFTTrainer):
 
         handle = core.model.register_forward_hook(keep_hidden)
         try:
-            result = super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                          num_items_in_batch=num_items_in_batch)
+            if self.labelled_logits_only:
+                labels = inputs.pop("labels")
+                outputs = model(**inputs, logits_to_keep=1)
+            else:
+                result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                              num_items_in_batch=num_items_in_batch)
         finally:
             handle.remove()
-        text_loss, outputs = result if return_outputs else (result, None)
         if not captured:
-            raise SpeechTrainingError("the LLM backbone did not run, so there are no hidden states for the speech loss")
-        sequences = speech_sequences(targets, inputs["input_ids"], captured[0])
-        speech = core.tts.teacher_forced_forward(sequences).loss
-        steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
-        loss = self.text_loss_weight * text_loss + self.speech_loss_weight * speech.to(text_loss.device) / steps
+            raise SpeechTrainingError("the LLM backbone did not run, so there are no hidden states for the losses")
+        if self.labelled_logits_only:
+            text_loss = labelled_cross_entropy(core.get_output_embeddings(), captured[0], labels, num_items_in_batch)
+        else:
+            text_loss, outputs = result if return_outputs else (result, None)
+        loss = self.text_loss_weight * text_loss
         mode = "train" if self.model.training else "eval"
-        self._metrics[mode]["speech_loss"].append(float(speech.detach()))
+        if has_speech:
+            sequences = speech_sequences(targets, inputs["input_ids"], captured[0])
+            speech = core.tts.teacher_forced_forward(sequences).loss
+            steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+            loss = loss + self.speech_loss_weight * speech.to(text_loss.device) / steps
+            self._metrics[mode]["speech_loss"].append(float(speech.detach()))
         self._metrics[mode]["text_loss"].append(float(text_loss.detach()))
         return (loss, outputs) if return_outputs else loss
 
 
-__all__ = ["OmniSFTTrainer", "SpeechTrainingError"]
+def labelled_cross_entropy(lm_head, hidden: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """The causal LM loss from the LM head at labelled positions only (position t predicts label t + 1).
+
+    Same value as the full-logit loss. Duplex batches label a few control/text tokens among thousands of
+    positions; on CPU, TRL's chunked fused head still walks every position (measured ~6x slower than this on the
+    demo model), so small-model recipes set `labelled_logits_only: true`. Sum over tokens divided by
+    `num_items_in_batch` when given (gradient accumulation), else the mean."""
+    targets = labels[:, 1:]
+    keep = targets != -100
+    if not bool(keep.any()):
+        return hidden.sum() * 0.0
+    logits = lm_head(hidden[:, :-1][keep]).float()
+    loss = torch.nn.functional.cross_entropy(logits, targets[keep].to(logits.device), reduction="sum")
+    count = num_items_in_batch if num_items_in_batch is not None else keep.sum()
+    return loss / torch.as_tensor(count, device=loss.device, dtype=loss.dtype)
+
+
+__all__ = ["OmniSFTTrainer", "SpeechTrainingError", "labelled_cross_entropy"]

@@ -18,7 +18,7 @@ from .configuration.configuration_minicpmo import (
     MiniCPMTTSConfig,
     MiniCPMVSliceConfig,
 )
-from .configuration.configuration_presets import official_config, tiny_config
+from .configuration.configuration_presets import demo_config, official_config, tiny_config
 from .modeling.modeling_minicpmo import (
     ContextLengthError,
     MiniCPMOForConditionalGeneration,
@@ -46,4 +46,5 @@ __all__ = [
     "PlaceholderMismatchError",
     "official_config",
     "tiny_config",
+    "demo_config",
 ]

@@ -93,6 +93,9 @@ class MiniCPMTTSConfig(PreTrainedConfig):
     temperature: float = 0.8
     s3_stream_chunk_size: int = 25
     s3_stream_generate: bool = False
+    # The official backbone keeps Llama's default 32000-row `model.embed_tokens`, which nothing reads (inputs come
+    # in as embeddings); small models may shrink it to save space.
+    backbone_vocab_size: int = 32000
     s3_stream_n_timesteps: int = 10
     s3_stream_prelook_size: int = 3
 

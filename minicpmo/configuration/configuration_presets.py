@@ -19,7 +19,11 @@ def official_config(**overrides) -> MiniCPMOConfig:
 
 def tiny_config(**overrides) -> MiniCPMOConfig:
     """A few-MB random model with every official component and the real vocabulary (151,748 tokens)."""
-    values = dict(
+    return MiniCPMOConfig(**{**_tiny_values(), **overrides})
+
+
+def _tiny_values() -> dict:
+    return dict(
         vocab_size=151748,
         hidden_size=64,
         intermediate_size=128,
@@ -86,8 +90,44 @@ def tiny_config(**overrides) -> MiniCPMOConfig:
         init_tts=True,
         token2wav_config=_tiny_token2wav_config(),
     )
+
+
+def demo_config(**overrides) -> MiniCPMOConfig:
+    """The layout of the model trained here on the synthetic world (`python -m finetune.demo`) and shipped as the
+    app's default: the real vocabulary with tied input/output embeddings, a 4-layer 48-wide LLM, 16 resampler
+    queries per image, and small encoders, speech decoder and token2wav, so the bf16 checkpoint stays below 30 MB."""
+    values = _tiny_values()
+    values.update(
+        hidden_size=48,
+        intermediate_size=192,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        tie_word_embeddings=True,
+        query_num=16,
+    )
+    values["vision_config"] = dict(
+        model_type="siglip_vision_model", hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=2, image_size=980, patch_size=14, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6,
+    )
+    values["audio_config"] = dict(
+        values["audio_config"], d_model=48, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=192,
+    )
+    values["tts_config"] = dict(
+        values["tts_config"], llm_dim=48, hidden_size=24, intermediate_size=96, num_attention_heads=2,
+        num_key_value_heads=2, num_hidden_layers=2, backbone_vocab_size=1,
+    )
+    values["token2wav_config"] = _demo_token2wav_config()
     values.update(overrides)
     return MiniCPMOConfig(**values)
+
+
+def _demo_token2wav_config() -> dict:
+    from ..modeling.modeling_token2wav import Token2WavConfig
+
+    maker = getattr(Token2WavConfig, "demo", Token2WavConfig.tiny)
+    return maker().to_dict()
 
 
 def _tiny_token2wav_config() -> dict:

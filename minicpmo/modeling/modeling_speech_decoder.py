@@ -205,9 +205,14 @@ def init_weight_norm_parametrization(module: nn.Module, std: float = 0.02) -> bo
 
 
 def llama_config_for_speech_decoder(config: MiniCPMTTSConfig) -> LlamaConfig:
-    """The backbone config: the TTS sizes, Llama defaults elsewhere (vocab 32000 gives the unused embed_tokens)."""
+    """The backbone config: the TTS sizes, Llama defaults elsewhere (`backbone_vocab_size`, 32000 as in the
+    official weights, sizes the unused embed_tokens)."""
     attn_implementation = getattr(config, "_attn_implementation", None)
     return LlamaConfig(
+        vocab_size=config.backbone_vocab_size,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
         hidden_size=config.hidden_size,
         intermediate_size=config.intermediate_size,
         num_attention_heads=config.num_attention_heads,
