@@ -126,8 +126,7 @@ def demo_config(**overrides) -> MiniCPMOConfig:
 def _demo_token2wav_config() -> dict:
     from ..modeling.modeling_token2wav import Token2WavConfig
 
-    maker = getattr(Token2WavConfig, "demo", Token2WavConfig.tiny)
-    return maker().to_dict()
+    return Token2WavConfig.demo().to_dict()
 
 
 def _tiny_token2wav_config() -> dict:
