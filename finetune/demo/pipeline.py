@@ -147,6 +147,19 @@ def export(model, processor, reference, settings: DemoSettings, report: dict) ->
     return out
 
 
+def _source_revision() -> str | None:
+    """The git commit the pipeline runs from (plus '-dirty' with uncommitted changes), when run in a checkout."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
 def build_demo_model(settings: DemoSettings) -> dict:
     from minicpmo import MiniCPMOForConditionalGeneration, demo_config
 
@@ -159,6 +172,7 @@ def build_demo_model(settings: DemoSettings) -> dict:
                                  "sessions": settings.sessions, "questions": settings.questions,
                                  "seed": settings.seed, "threads": settings.threads,
                                  "stage_minutes": settings.stage_minutes}}
+    report["source"] = _source_revision()
     config = demo_config()
     model = MiniCPMOForConditionalGeneration(config)
     processor = build_processor(config)
