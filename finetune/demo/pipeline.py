@@ -34,6 +34,7 @@ from .data import write_duplex_sessions, write_scene_questions
 RECIPES = Path(__file__).with_name("recipes")
 VOICE_FILE = "voice.wav"
 REPORT_FILE = "training_report.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 # Default minutes per stage (total ~80 with data and export on 2 cores).
 STAGE_MINUTES = {
     "speech_tokenizer": 5.0,
@@ -140,6 +141,8 @@ def export(model, processor, reference, settings: DemoSettings, report: dict) ->
     model.to(torch.bfloat16).save_pretrained(out)
     model.to(torch.float32)
     processor.save_pretrained(out)
+    for name in TOKENIZER_FILES:  # the vocabulary is the packaged one; loading falls back to it (saves 10 MB)
+        (out / name).unlink(missing_ok=True)
     soundfile.write(out / VOICE_FILE, reference.audio, reference.sample_rate)
     sizes = {str(path.relative_to(out)): path.stat().st_size for path in out.rglob("*.safetensors")}
     report["export"] = {"safetensors_bytes": sizes, "total_mb": sum(sizes.values()) / 2**20}

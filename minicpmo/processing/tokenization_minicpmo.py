@@ -23,9 +23,16 @@ class MissingSpecialTokenError(ValueError):
 
 
 def load_minicpmo_tokenizer(path: str | os.PathLike | None = None, **kwargs) -> PreTrainedTokenizerBase:
-    """Load the fast MiniCPM-o tokenizer; `path=None` uses the files shipped inside this package."""
-    folder = TOKENIZER_FILES_DIR if path is None else os.fspath(path)
+    """Load the fast MiniCPM-o tokenizer; `path=None`, or a local model folder saved without tokenizer files (the
+    bundled demo model, which keeps 10 MB out of the repository), uses the files shipped inside this package."""
+    folder = TOKENIZER_FILES_DIR if path is None or _lacks_tokenizer_files(path) else os.fspath(path)
     return AutoTokenizer.from_pretrained(folder, **kwargs)
+
+
+def _lacks_tokenizer_files(path: str | os.PathLike) -> bool:
+    folder = os.fspath(path)
+    names = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
+    return os.path.isdir(folder) and not any(os.path.isfile(os.path.join(folder, name)) for name in names)
 
 
 def load_bad_token_ids(path: str | os.PathLike | None = None) -> list[int]:

@@ -26,12 +26,17 @@ class ChatInputError(ValueError):
     """The user's message or voice cannot be used (empty message, unreadable file ...)."""
 
 
-def voice_choices() -> list[str]:
-    return sorted(BUNDLED_VOICES)
+MODEL_VOICE_CHOICE = "model voice"
 
 
-def resolve_voice(voice_name: str | None, voice_upload: str | None) -> np.ndarray:
-    """An uploaded reference clip wins over the bundled voice name; 16 kHz mono float32."""
+def voice_choices(model_voice: str | None = None) -> list[str]:
+    """Bundled voice names, plus "model voice" first when the model ships its own reference (`voice.wav`)."""
+    return ([MODEL_VOICE_CHOICE] if model_voice else []) + sorted(BUNDLED_VOICES)
+
+
+def resolve_voice(voice_name: str | None, voice_upload: str | None, model_voice: str | None = None) -> np.ndarray:
+    """An uploaded reference clip wins over the chosen voice ("model voice" = the model's `voice.wav`);
+    16 kHz mono float32."""
     if voice_upload:
         try:
             voice = read_audio_16k(voice_upload)
@@ -40,6 +45,10 @@ def resolve_voice(voice_name: str | None, voice_upload: str | None) -> np.ndarra
         if voice.shape[0] < 16000:
             raise ChatInputError(f"the uploaded voice is {voice.shape[0] / 16000:.2f} s long; give at least 1 s")
         return voice
+    if voice_name == MODEL_VOICE_CHOICE:
+        if not model_voice:
+            raise ChatInputError("this model ships no voice of its own; pick a bundled voice or upload one")
+        return load_voice(model_voice)
     return load_voice(voice_name or DEFAULT_VOICE)
 
 

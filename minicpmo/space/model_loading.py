@@ -1,7 +1,9 @@
 """Which model the Space serves: `--model DIR|hub-id`, else $MINICPMO_MODEL, else the embedded default.
 
-The embedded default is a bundled checkpoint in minicpmo/assets/demo_model/ when one is shipped, otherwise the
-tiny random model (seed 0) so the Space always starts, also offline and on CPU.
+The embedded default is the demo checkpoint in minicpmo/assets/demo_model/ (trained here on the synthetic world,
+`python -m finetune.demo`), or the tiny random model (seed 0) if that folder is missing, so the Space always
+starts, also offline and on CPU. A model folder may carry `voice.wav`, the voice it was trained to speak with; it
+then becomes the default voice of the voice menus.
 """
 
 import os
@@ -15,6 +17,7 @@ from minicpmo import MiniCPMOForConditionalGeneration, MiniCPMOProcessor, tiny_c
 
 DEMO_MODEL_DIR = Path(__file__).resolve().parents[1] / "assets" / "demo_model"
 MODEL_ENV_VAR = "MINICPMO_MODEL"
+MODEL_VOICE_FILE = "voice.wav"
 
 
 @dataclass
@@ -26,6 +29,7 @@ class LoadedModel:
     processor: object
     name: str
     lock: threading.RLock = field(default_factory=threading.RLock)
+    model_voice: str | None = None  # the model's own voice reference (`voice.wav` in its folder), if it has one
 
 
 def pick_device_and_dtype() -> tuple[str, torch.dtype]:
@@ -40,7 +44,9 @@ def load_pretrained(name_or_path: str | os.PathLike) -> LoadedModel:
     device, dtype = pick_device_and_dtype()
     model = MiniCPMOForConditionalGeneration.from_pretrained(str(name_or_path), dtype=dtype).to(device).eval()
     processor = MiniCPMOProcessor.from_pretrained(str(name_or_path))
-    return LoadedModel(model=model, processor=processor, name=str(name_or_path))
+    model_voice = Path(name_or_path) / MODEL_VOICE_FILE
+    return LoadedModel(model=model, processor=processor, name=str(name_or_path),
+                       model_voice=str(model_voice) if model_voice.is_file() else None)
 
 
 def load_default_model() -> LoadedModel:

@@ -14,7 +14,15 @@ import numpy as np
 from minicpmo.voices import DEFAULT_VOICE
 
 from .audio_io import to_int16
-from .chat_handlers import ChatRequest, ChatService, describe_turn, resolve_voice, user_content, voice_choices
+from .chat_handlers import (
+    MODEL_VOICE_CHOICE,
+    ChatRequest,
+    ChatService,
+    describe_turn,
+    resolve_voice,
+    user_content,
+    voice_choices,
+)
 from .live_sessions import LiveOptions, LiveSessionClosed, LiveSessionManager, LiveSessionsBusy
 from .live_view import render_status, render_timeline
 from .model_loading import LoadedModel
@@ -75,8 +83,9 @@ def _model_history(turns: list[dict]) -> list[dict]:
     return history
 
 
-def _voice_controls(label_suffix: str = ""):
-    voice = gr.Dropdown(voice_choices(), value=DEFAULT_VOICE, label=f"Voice{label_suffix}")
+def _voice_controls(model_voice: str | None, label_suffix: str = ""):
+    default = MODEL_VOICE_CHOICE if model_voice else DEFAULT_VOICE
+    voice = gr.Dropdown(voice_choices(model_voice), value=default, label=f"Voice{label_suffix}")
     upload = gr.Audio(label="…or clone a voice (upload / record ≥ 1 s)", sources=["upload", "microphone"],
                       type="filepath")
     return voice, upload
@@ -103,7 +112,7 @@ def build_demo(loaded: LoadedModel, settings: SpaceSettings | None = None) -> gr
     @_shown_to_user
     def chat_send(text, image, audio, video, voice, voice_upload, thinking, speak, turns):
         content = user_content(text, image, audio, video)
-        ref_audio = resolve_voice(voice, voice_upload) if speak else None
+        ref_audio = resolve_voice(voice, voice_upload, loaded.model_voice) if speak else None
         yield from _stream_turn(turns or [], content, describe_turn(text, image, audio, video), ref_audio, speak,
                                 thinking)
 
@@ -112,14 +121,14 @@ def build_demo(loaded: LoadedModel, settings: SpaceSettings | None = None) -> gr
         if not turns:
             raise gr.Error("nothing to retry yet: send a message first")
         last = turns[-1]
-        ref_audio = resolve_voice(voice, voice_upload) if speak else None
+        ref_audio = resolve_voice(voice, voice_upload, loaded.model_voice) if speak else None
         yield from _stream_turn(turns[:-1], last["content"], last["shown"], ref_audio, speak, thinking)
 
     @_shown_to_user
     def chat_api(text, image, audio, video, voice, voice_upload, thinking, speak):
         """Non-streaming twin of the chat tab (one turn, no history): -> (answer text, speech wav or None)."""
         content = user_content(text, image, audio, video)
-        ref_audio = resolve_voice(voice, voice_upload) if speak else None
+        ref_audio = resolve_voice(voice, voice_upload, loaded.model_voice) if speak else None
         answer, speech = chat.respond(ChatRequest(history=[], content=content, ref_audio=ref_audio,
                                                   generate_audio=speak, enable_thinking=thinking))
         return answer, ((SPEECH_RATE, to_int16(speech)) if speech.size else None)
@@ -127,7 +136,7 @@ def build_demo(loaded: LoadedModel, settings: SpaceSettings | None = None) -> gr
     # --- live -------------------------------------------------------------------------------------------------------
     @_shown_to_user
     def live_start(system_prompt, voice, voice_upload, audio_only, speak, request: gr.Request):
-        ref_audio = resolve_voice(voice, voice_upload) if speak else None
+        ref_audio = resolve_voice(voice, voice_upload, loaded.model_voice) if speak else None
         options = LiveOptions(system_prompt=(system_prompt or "").strip() or DUPLEX_SYSTEM_PROMPT,
                               ref_audio=ref_audio, generate_audio=speak, audio_only=audio_only)
         try:
@@ -188,7 +197,7 @@ def build_demo(loaded: LoadedModel, settings: SpaceSettings | None = None) -> gr
     # --- replay -----------------------------------------------------------------------------------------------------
     @_shown_to_user
     def replay_api(recording, system_prompt, voice, voice_upload, speak):
-        ref_audio = resolve_voice(voice, voice_upload) if speak else None
+        ref_audio = resolve_voice(voice, voice_upload, loaded.model_voice) if speak else None
         rows, output = run_replay(loaded, settings, recording, system_prompt, ref_audio, generate_audio=speak)
         speaking = sum(row[EVENT_COLUMNS.index("action")] == "speak" for row in rows)
         summary = f"{len(rows)} units, {speaking} speaking, output {output.shape[0] / OUTPUT_RATE:.2f} s"
@@ -213,7 +222,7 @@ def build_demo(loaded: LoadedModel, settings: SpaceSettings | None = None) -> gr
             with gr.Row():
                 speak = gr.Checkbox(True, label="Speak the answer")
                 thinking = gr.Checkbox(False, label="Thinking mode")
-                voice, voice_upload = _voice_controls()
+                voice, voice_upload = _voice_controls(loaded.model_voice)
             speech = gr.Audio(label="Spoken answer", streaming=True, autoplay=True, interactive=False,
                               elem_id="chat-speech")
             api_trigger = gr.Button(visible=False)
@@ -230,7 +239,7 @@ def build_demo(loaded: LoadedModel, settings: SpaceSettings | None = None) -> gr
                 live_prompt = gr.Textbox(DUPLEX_SYSTEM_PROMPT, label="System prompt (e.g. proactive reminders)",
                                          lines=2, scale=3)
                 with gr.Column(scale=2):
-                    live_voice, live_voice_upload = _voice_controls()
+                    live_voice, live_voice_upload = _voice_controls(loaded.model_voice)
                     with gr.Row():
                         live_speak = gr.Checkbox(True, label="Speak")
                         audio_only = gr.Checkbox(False, label="Audio only (no webcam)")
@@ -252,7 +261,7 @@ def build_demo(loaded: LoadedModel, settings: SpaceSettings | None = None) -> gr
                                     file_types=["audio", "video"])
                 with gr.Column():
                     replay_prompt = gr.Textbox(DUPLEX_SYSTEM_PROMPT, label="System prompt")
-                    replay_voice, replay_voice_upload = _voice_controls()
+                    replay_voice, replay_voice_upload = _voice_controls(loaded.model_voice)
                     replay_speak = gr.Checkbox(True, label="Speak")
             run = gr.Button("Replay", variant="primary")
             replay_summary = gr.Markdown()
