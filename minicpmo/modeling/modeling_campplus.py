@@ -77,6 +77,14 @@ class CAMPPlusConfig:
         return cls(**values)
 
 
+    @classmethod
+    def demo(cls, **overrides) -> "CAMPPlusConfig":
+        """The shipped demo speaker encoder (~0.09 M parameters); still 80-bin fbank in, 192-d out."""
+        values = dict(head_channels=8, init_channels=32, growth_rate=16, bottleneck_scale=2, block_layers=(3, 3, 3))
+        values.update(overrides)
+        return cls(**values)
+
+
 def _bn_relu(channels: int) -> nn.Sequential:
     return nn.Sequential(OrderedDict([("batchnorm", nn.BatchNorm1d(channels)), ("relu", nn.ReLU())]))
 

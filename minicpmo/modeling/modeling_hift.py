@@ -70,6 +70,14 @@ class HiFTConfig:
         return cls(**values)
 
 
+    @classmethod
+    def demo(cls, **overrides) -> "HiFTConfig":
+        """The shipped demo vocoder (~0.37 M parameters): same rates and kernels, 64 base channels."""
+        values = dict(base_channels=64, f0_predictor_channels=64, f0_predictor_num_convs=3)
+        values.update(overrides)
+        return cls(**values)
+
+
 def _same_padding(kernel_size: int, dilation: int = 1) -> int:
     return (kernel_size - 1) * dilation // 2
 

@@ -191,6 +191,11 @@ class S3TokenizerConfig:
         return cls(n_state=32, n_head=2, n_layer=2)
 
     @classmethod
+    def demo(cls) -> "S3TokenizerConfig":
+        """The shipped demo tokenizer (~0.3 M parameters): same front-end, rates and FSQ, 96 wide, 2 blocks."""
+        return cls(n_state=96, n_head=4, n_layer=2)
+
+    @classmethod
     def from_public_state_dict(cls, state_dict: dict, n_head: int = 20, **overrides) -> "S3TokenizerConfig":
         """Read widths, depth and FSMN kernel from public weights; the head count is not in the shapes."""
         try:

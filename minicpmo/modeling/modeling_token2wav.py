@@ -214,6 +214,20 @@ class Token2WavConfig:
         values.update(overrides)
         return cls(**values)
 
+    @classmethod
+    def demo(cls, **overrides) -> "Token2WavConfig":
+        """The shipped demo token2wav (< 2.0 M parameters in all, official rates: 16 kHz tokenizer input,
+        25 codes/s from 6561 FSQ codes, 80-bin mel at 50 Hz, 192-d speaker vector, 24 kHz out), 5 Euler steps."""
+        values = dict(
+            flow=FlowConfig.demo(),
+            hift=HiFTConfig.demo(),
+            campplus=CAMPPlusConfig.demo(),
+            speech_tokenizer=S3TokenizerConfig.demo(),
+            n_timesteps=5,
+        )
+        values.update(overrides)
+        return cls(**values)
+
 
 @dataclass(frozen=True)
 class VoicePrompt:
