@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import time
 
 import numpy as np
 import torch
@@ -30,6 +28,7 @@ from torch import nn
 
 from minicpmo.modeling.modeling_speech_tokenizer import S3_SILENCE_CODE, S3SpeechTokenizer, log_mel_128
 
+from .budgeted_loop import BudgetedLoop
 from .speech_corpus import SpeechClip, build_speech_corpus, check_clips
 
 SAMPLES_PER_CODE = 640  # 16 kHz / 25 Hz
@@ -91,12 +90,6 @@ def _silent_codes(audio: np.ndarray, n_codes: int) -> torch.Tensor:
     padded = np.zeros(n_codes * SAMPLES_PER_CODE, np.float32)
     padded[: min(audio.size, padded.size)] = audio[: padded.size]
     return torch.from_numpy(np.abs(padded).reshape(n_codes, SAMPLES_PER_CODE).max(axis=1) < SILENCE_PEAK)
-
-
-def _lr_factor(step: int, elapsed: float, budget_s: float, warmup: int = 30) -> float:
-    """Linear warm-up, then cosine decay over the wall-clock budget down to 10%."""
-    progress = min(1.0, elapsed / budget_s) if budget_s > 0 else 1.0
-    return min(1.0, (step + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
 
 
 def _edit_distance(a: list[int], b: list[int]) -> int:
@@ -168,13 +161,8 @@ def train_speech_tokenizer(
     rng = np.random.default_rng(seed)
 
     speech_tokenizer.train()
-    start, step, history = time.monotonic(), 0, []
-    while True:
-        elapsed = time.monotonic() - start
-        if elapsed >= budget_s or (max_steps is not None and step >= max_steps):
-            break
-        for group in optimizer.param_groups:
-            group["lr"] = lr * _lr_factor(step, elapsed, budget_s)
+    loop = BudgetedLoop("tokenizer", optimizer, lr, budget_s, max_steps, warmup=30, log=log)
+    for _ in loop:
         batch = [clips[i] for i in rng.choice(len(clips), size=min(batch_size, len(clips)), replace=False)]
         mels, silent, targets = [], [], []
         for clip in batch:
@@ -214,30 +202,15 @@ def train_speech_tokenizer(
         loss.backward()
         nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
-        history.append((ctc.item(), recon_loss.item(), silence_loss.item()))
-        step += 1
-        if log is not None and (step == 1 or step % 50 == 0):
-            log(
-                f"tokenizer step {step} ({time.monotonic() - start:.0f}s): ctc {ctc.item():.3f} "
-                f"recon {recon_loss.item():.3f} silence {silence_loss.item():.3f}"
-            )
+        loop.record(ctc_loss=ctc.item(), recon_loss=recon_loss.item(), silence_loss=silence_loss.item())
 
     speech_tokenizer.eval()
     heads.eval()
-    seconds = time.monotonic() - start
-    metrics: dict = {"steps": step, "seconds": round(seconds, 1), "phonemes": len(vocab)}
-    if history:
-        last = np.array(history[-20:]).mean(axis=0)
-        for index, name in enumerate(("ctc_loss", "recon_loss", "silence_loss")):
-            metrics[f"first_{name}"] = history[0][index]
-            metrics[name] = float(last[index])
     with torch.no_grad():
-        metrics.update(code_usage(speech_tokenizer, clips[:100]))
+        extra = code_usage(speech_tokenizer, clips[:100])
         if eval_clips:
-            metrics["eval_per"] = phoneme_error_rate(speech_tokenizer, heads, eval_clips, vocab)
-    if log is not None:
-        log(f"tokenizer done: {json.dumps(metrics)}")
-    return metrics
+            extra["eval_per"] = phoneme_error_rate(speech_tokenizer, heads, eval_clips, vocab)
+    return loop.finish(phonemes=len(vocab), **extra)
 
 
 @torch.no_grad()

@@ -35,6 +35,7 @@ from minicpmo.modeling.audio_frontends_token2wav import fit_prompt_mel, kaldi_fb
 from minicpmo.modeling.modeling_hift import HiFTVocoder
 from minicpmo.modeling.modeling_token2wav import MiniCPMOToken2Wav
 
+from .budgeted_loop import BudgetedLoop
 from .speech_corpus import SpeechClip, check_clips
 
 try:
@@ -59,11 +60,6 @@ def _check_module(token2wav) -> None:
         raise Token2WavTrainingError("train_flow needs the voice encoders (Token2WavConfig(voice_encoders=True))")
     if token2wav.flow.input_embedding.weight.dtype != torch.float32:
         raise Token2WavTrainingError("train token2wav in float32 (cast it with .float() first)")
-
-
-def _lr_factor(step: int, elapsed: float, budget_s: float, warmup: int = 50) -> float:
-    progress = min(1.0, elapsed / budget_s) if budget_s > 0 else 1.0
-    return min(1.0, (step + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
 
 
 def _resample_24k(audio: np.ndarray, rate: int) -> torch.Tensor:
@@ -185,13 +181,8 @@ def train_flow(
 
     token2wav.flow.train()
     token2wav.campplus.train()
-    start, step, history = time.monotonic(), 0, []
-    while True:
-        elapsed = time.monotonic() - start
-        if elapsed >= budget_s or (max_steps is not None and step >= max_steps):
-            break
-        for group in optimizer.param_groups:
-            group["lr"] = lr * _lr_factor(step, elapsed, budget_s)
+    loop = BudgetedLoop("flow", optimizer, lr, budget_s, max_steps, warmup=50, log=log)
+    for _ in loop:
         picks = rng.choice(len(names), size=batch_size, p=weights)
         codes, mels, fbanks = [], [], []
         for index in picks:
@@ -218,26 +209,11 @@ def train_flow(
         total.backward()
         nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
-        history.append((loss.item(), speaker_loss.item()))
-        step += 1
-        if log is not None and (step == 1 or step % 50 == 0):
-            log(
-                f"flow step {step} ({time.monotonic() - start:.0f}s): cfm {loss.item():.3f} "
-                f"speaker {speaker_loss.item():.3f}"
-            )
+        loop.record(flow_loss=loss.item(), speaker_loss=speaker_loss.item())
 
     token2wav.flow.eval()
     token2wav.campplus.eval()
-    metrics: dict = {"steps": step, "seconds": round(time.monotonic() - start, 1), "window_tokens": window}
-    if history:
-        last = np.array(history[-20:]).mean(axis=0)
-        metrics.update(
-            first_flow_loss=history[0][0], flow_loss=float(last[0]),
-            first_speaker_loss=history[0][1], speaker_loss=float(last[1]),
-        )
-    if log is not None:
-        log(f"flow done: {json.dumps(metrics)}")
-    return metrics
+    return loop.finish(window_tokens=window)
 
 
 # ---------------------------------------------------------------------------------------------- vocoder
@@ -348,13 +324,8 @@ def train_vocoder(
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.8, 0.99), weight_decay=0.01)
 
     hift.train()
-    start, step, history = time.monotonic(), 0, []
-    while True:
-        elapsed = time.monotonic() - start
-        if elapsed >= budget_s or (max_steps is not None and step >= max_steps):
-            break
-        for group in optimizer.param_groups:
-            group["lr"] = group["scale"] * lr * _lr_factor(step, elapsed, budget_s)
+    loop = BudgetedLoop("vocoder", optimizer, lr, budget_s, max_steps, warmup=50, log=log)
+    for _ in loop:
         mels, wavs, f0s = [], [], []
         for index in rng.integers(len(data), size=batch_size):
             mel, wav, f0 = data[index]
@@ -375,24 +346,10 @@ def train_vocoder(
         loss.backward()
         nn.utils.clip_grad_norm_(hift.parameters(), 5.0)
         optimizer.step()
-        history.append((stft_loss.item(), mel_loss.item(), f0_loss.item() * 50.0))
-        step += 1
-        if log is not None and (step == 1 or step % 50 == 0):
-            log(
-                f"vocoder step {step} ({time.monotonic() - start:.0f}s): stft {history[-1][0]:.3f} "
-                f"mel {history[-1][1]:.3f} f0 {history[-1][2]:.1f} Hz"
-            )
+        loop.record(stft_loss=stft_loss.item(), mel_loss=mel_loss.item(), f0_l1_hz=f0_loss.item() * 50.0)
 
     hift.eval()
-    metrics: dict = {"steps": step, "seconds": round(time.monotonic() - start, 1)}
-    if history:
-        last = np.array(history[-20:]).mean(axis=0)
-        for index, name in enumerate(("stft_loss", "mel_loss", "f0_l1_hz")):
-            metrics[f"first_{name}"] = history[0][index]
-            metrics[name] = float(last[index])
-    if log is not None:
-        log(f"vocoder done: {json.dumps(metrics)}")
-    return metrics
+    return loop.finish()
 
 
 # ---------------------------------------------------------------------------------------------- evaluation

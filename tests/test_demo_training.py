@@ -159,16 +159,26 @@ def test_duplex_collator_takes_in_memory_samples_and_the_processors_image_slots(
 
 
 def test_scene_questions_are_answered_from_the_rendered_scene(tmp_path, processor):
+    from finetune.speech_collator import SpeechCollator
+    from minicpmo.chat_prompts import TEXT_SYSTEM_PROMPT, VOICE_CLONE_PROMPT
     from minicpmo.synthetic.scenes import SHAPES
 
-    path = write_scene_questions(6, seed=1, out_dir=tmp_path, spoken_fraction=0.5)
-    dataset = load_conversations(path)
-    kinds = [item["type"] for row in dataset for item in row["messages"][0]["content"]]
+    speech_tokenizer = _tiny_model().token2wav.speech_tokenizer
+    voice = (0.1 * np.sin(np.arange(16000) / 8)).astype(np.float32)
+    path = write_scene_questions(6, seed=1, out_dir=tmp_path, spoken_fraction=0.5, speech_tokenizer=speech_tokenizer,
+                                 voice_audio=voice, speak_fraction=0.5)
+    dataset = list(load_conversations(path))
+    kinds = [item["type"] for row in dataset for item in row["messages"][1]["content"]]
     assert kinds.count("image") == 6 and kinds.count("audio") + kinds.count("text") == 6
-    assert all(any(shape in row["messages"][1]["content"] or "shape" in row["messages"][1]["content"]
-                   for shape in SHAPES) for row in dataset)
-    batch = TurnBasedCollator(processor, media_root=tmp_path, max_slice_nums=1)(list(dataset))
-    assert batch["pixel_values"].shape[0] == 6
+    assert all(any(shape in row["messages"][2]["content"] for shape in SHAPES) or "shape" in row["messages"][2]["content"]
+               for row in dataset)
+    spoken = [row for row in dataset if row["messages"][2].get("speech")]
+    assert 0 < len(spoken) < 6  # some rows train the chat speech path, the others are text-only
+    for row in dataset:
+        system = [item.get("text") for item in row["messages"][0]["content"]]
+        assert system == ([VOICE_CLONE_PROMPT[0], None, VOICE_CLONE_PROMPT[1]] if row in spoken else [TEXT_SYSTEM_PROMPT])
+    batch = SpeechCollator(processor, media_root=tmp_path, max_slice_nums=1)(dataset)
+    assert batch["pixel_values"].shape[0] == 6 and batch["speech_codes"].shape[0] == len(spoken)
     with pytest.raises(DemoDataError):
         write_scene_questions(3, seed=0, out_dir=tmp_path, spoken_fraction=2.0)
 

@@ -3,8 +3,9 @@
 - Duplex sessions (`collator: duplex` rows): synthetic episodes saved with `minicpmo.synthetic.save_episodes`
   (user.wav, frames/*.png), plus one row each with the assistant's timed tokens and, when a speech tokenizer is
   given, the 25 Hz codes of the assistant track.
-- Scene questions (`collator: turn_based` rows): one rendered scene plus the question, spoken (espeak-ng, train
-  voices) or typed, and the reply sentence. Dense supervision for the encoders and the LLM.
+- Scene questions (`collator: speech` rows, turn-based chat): one rendered scene plus the question, spoken
+  (espeak-ng, train voices) or typed, and the reply sentence, half of them with the reply's speech codes and the
+  Space's voice-cloning system turn. Dense supervision for the encoders, the LLM and the chat speech path.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
+from minicpmo.chat_prompts import system_message
 from minicpmo.synthetic.dataset import TRAIN_VOICE_NAMES, USER_SPEEDS, generate_episodes, save_episodes
-from minicpmo.synthetic.episodes import TimingConfig
+from minicpmo.synthetic.episodes import ASSISTANT_VOICE, TimingConfig
 from minicpmo.synthetic.scenes import answer_question, random_question, random_scene, render
 from minicpmo.synthetic.speech import SAMPLE_RATE, Voice, synthesize
 
@@ -72,16 +74,25 @@ def write_duplex_sessions(n: int, seed: int, out_dir: str | os.PathLike, speech_
 
 
 def write_scene_questions(n: int, seed: int, out_dir: str | os.PathLike, spoken_fraction: float = 0.75,
+                          speech_tokenizer=None, voice_audio: np.ndarray | None = None, speak_fraction: float = 0.5,
                           image_size: int = 224) -> Path:
     """`n` single-turn rows: a scene image and a question about it (spoken by a train voice with probability
-    `spoken_fraction`, else typed) answered with the reply sentence the duplex episodes use."""
-    if int(n) < 1 or not 0.0 <= spoken_fraction <= 1.0:
-        raise DemoDataError(f"need n >= 1 and 0 <= spoken_fraction <= 1, got n={n}, spoken_fraction={spoken_fraction}")
+    `spoken_fraction`, else typed) answered with the reply sentence the duplex episodes use.
+
+    The system turn is the one the Space sends (`minicpmo.chat_prompts.system_message`). With `speech_tokenizer`
+    and `voice_audio`, a `speak_fraction` of the rows get the voice-cloning system turn and the reply spoken in the
+    assistant voice as speech-decoder target codes (`collator: speech` format); the others the text-only turn."""
+    if int(n) < 1 or not 0.0 <= spoken_fraction <= 1.0 or not 0.0 <= speak_fraction <= 1.0:
+        raise DemoDataError(f"need n >= 1 and fractions in [0, 1], got n={n}, spoken_fraction={spoken_fraction}, "
+                            f"speak_fraction={speak_fraction}")
     import soundfile
 
     out_dir = Path(out_dir)
     media = out_dir / "questions"
     media.mkdir(parents=True, exist_ok=True)
+    speaking = speech_tokenizer is not None and voice_audio is not None
+    if speaking:
+        soundfile.write(out_dir / VOICE_FILE, np.asarray(voice_audio, dtype=np.float32), SAMPLE_RATE)
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 7]))
     path = out_dir / QA_FILE
     with open(path, "w", encoding="utf-8") as handle:
@@ -99,7 +110,13 @@ def write_scene_questions(n: int, seed: int, out_dir: str | os.PathLike, spoken_
                 content.append({"type": "audio", "audio": audio_path})
             else:
                 content.append({"type": "text", "text": question.text()})
-            row = {"messages": [{"role": "user", "content": content}, {"role": "assistant", "content": reply}]}
+            answer: dict = {"role": "assistant", "content": reply}
+            speak = speaking and rng.random() < speak_fraction
+            if speak:
+                spoken = synthesize(reply, ASSISTANT_VOICE).audio
+                answer["speech"] = {"codes": speech_tokenizer.encode(spoken, SAMPLE_RATE).tolist()}
+            system = system_message(VOICE_FILE if speak else None)
+            row = {"messages": [system, {"role": "user", "content": content}, answer]}
             handle.write(json.dumps(row) + "\n")
     return path
 

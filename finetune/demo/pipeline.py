@@ -124,7 +124,8 @@ def write_data(model, reference, settings: DemoSettings, report: dict) -> tuple[
     data_dir = settings.work / "data"
     sessions = write_duplex_sessions(settings.sessions, settings.seed, data_dir,
                                      speech_tokenizer=model.token2wav.speech_tokenizer, voice_audio=reference.audio)
-    questions = write_scene_questions(settings.questions, settings.seed, data_dir)
+    questions = write_scene_questions(settings.questions, settings.seed, data_dir,
+                                      speech_tokenizer=model.token2wav.speech_tokenizer, voice_audio=reference.audio)
     report["data"] = {"sessions": settings.sessions, "questions": settings.questions,
                       "seconds": time.perf_counter() - started}
     return sessions, questions

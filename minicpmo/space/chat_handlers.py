@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from minicpmo.chat_prompts import system_message
 from minicpmo.modeling.modeling_speech_decoder import SpeechSamplingConfig
 from minicpmo.modeling.modeling_speech_output import ChatChunk
 from minicpmo.processing.media_loading_minicpmo import load_audio, load_image
@@ -17,9 +18,6 @@ from minicpmo.voices import BUNDLED_VOICES, DEFAULT_VOICE, load_voice, read_audi
 from .model_loading import LoadedModel
 from .settings import SpaceSettings
 
-VOICE_CLONE_PROMPT = ("Clone the voice in the provided audio prompt.",
-                      "As an assistant, you will speak using this voice style.")
-TEXT_SYSTEM_PROMPT = "You are a helpful assistant. You can accept audio and text input and output voice and text."
 
 
 class ChatInputError(ValueError):
@@ -79,15 +77,6 @@ def describe_turn(text: str | None, image=None, audio=None, video=None) -> str:
     """What the chat window shows for a user turn."""
     marks = [name for name, value in (("🖼 image", image), ("🎞 video", video), ("🔊 audio", audio)) if value]
     return " ".join(marks + [text.strip()] if text and text.strip() else marks)
-
-
-def system_message(ref_audio: np.ndarray | None) -> dict:
-    """The official voice-cloning system turn (text, reference audio, text), or a text-only one."""
-    if ref_audio is None:
-        return {"role": "system", "content": [{"type": "text", "text": TEXT_SYSTEM_PROMPT}]}
-    return {"role": "system", "content": [{"type": "text", "text": VOICE_CLONE_PROMPT[0]},
-                                          {"type": "audio", "audio": ref_audio},
-                                          {"type": "text", "text": VOICE_CLONE_PROMPT[1]}]}
 
 
 @dataclass

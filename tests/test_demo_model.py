@@ -1,0 +1,58 @@
+"""The shipped demo model (minicpmo/assets/demo_model, trained by `python -m finetune.demo`): size, loading as the
+Space's default, and its behaviour on held-out synthetic sessions (greedy decoding, so the results are fixed)."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from minicpmo.space.model_loading import DEMO_MODEL_DIR, load_default_model  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return load_default_model()
+
+
+def test_the_demo_checkpoint_is_shipped_and_small():
+    files = sorted(DEMO_MODEL_DIR.rglob("*.safetensors"))
+    assert [str(path.relative_to(DEMO_MODEL_DIR)) for path in files] == ["model.safetensors",
+                                                                         "token2wav/model.safetensors"]
+    assert sum(path.stat().st_size for path in files) <= 30 * 2**20
+    for name in ("config.json", "processor_config.json", "voice.wav", "training_report.json"):
+        assert (DEMO_MODEL_DIR / name).is_file(), name
+
+
+def test_the_space_serves_the_demo_model_with_its_voice(loaded):
+    from minicpmo.space.chat_handlers import MODEL_VOICE_CHOICE, resolve_voice, voice_choices
+    from minicpmo.voices import load_voice
+
+    assert loaded.name == str(DEMO_MODEL_DIR)
+    assert Path(loaded.model_voice) == DEMO_MODEL_DIR / "voice.wav"
+    assert voice_choices(loaded.model_voice)[0] == MODEL_VOICE_CHOICE
+    np.testing.assert_array_equal(resolve_voice(MODEL_VOICE_CHOICE, None, loaded.model_voice),
+                                  load_voice(loaded.model_voice))
+    assert loaded.model.config.query_num == loaded.processor.image_processor.image_feature_size
+    assert next(loaded.model.parameters()).dtype == torch.float32  # bf16 on disk, fp32 on CPU
+
+
+def test_the_demo_model_answers_a_spoken_question_about_the_scene(loaded):
+    from minicpmo.duplex_metrics import episode_metrics
+    from minicpmo.duplex_replay import replay
+    from minicpmo.processing.duplex_layout_minicpmo import DEFAULT_DUPLEX_SYSTEM_TEXT
+    from minicpmo.synthetic import generate_episodes
+
+    episodes = generate_episodes(4, seed=1, split="heldout", types=("question",))
+    taken = 0
+    for episode in episodes:
+        with torch.inference_mode():
+            result = replay(loaded.model, loaded.processor, episode.user_audio, [image for _, image in episode.frames],
+                            DEFAULT_DUPLEX_SYSTEM_TEXT, generate_audio=False, force_listen_count=1)
+        metrics = episode_metrics(result.events, episode.ground_truth)
+        assert metrics["must_listen_violations"] == 0  # never talks over the question
+        taken += metrics["turns"][0]["taken"]
+    assert taken >= 3  # takes the turn after the question
