@@ -297,8 +297,8 @@ def test_reference_wavs_give_codes_of_the_right_length(tokenizer, ref_audio_path
         (np.zeros((2, 16000), np.float32), {}, MultiChannelAudioError, "mono"),
         (np.zeros((16000, 2), np.float32), {}, MultiChannelAudioError, "mono"),
         (np.zeros(100, np.float32), {}, AudioTooShortError, "at least 201"),
-        (np.zeros(16000, np.int32), {}, AudioDtypeError, "int16"),
-        ([0.0] * 16000, {}, AudioDtypeError, "numpy array or torch.Tensor"),
+        (np.zeros(16000, np.uint8), {}, AudioDtypeError, "int16"),
+        ("audio.wav", {}, AudioDtypeError, "numpy array or torch tensor"),
     ],
 )
 def test_bad_audio_raises_typed_errors(tokenizer, wav, kwargs, error, message):

@@ -156,7 +156,7 @@ def test_prepare_voice_and_offline_synthesis(model):
         (np.ones(16000 * 31, np.float32) * 0.1, 16000, InvalidAudioError, "too long"),
         (np.zeros(16000, np.float32), 16000, InvalidAudioError, "silence"),
         (np.ones(16000, np.float32) * 0.1, 0, InvalidAudioError, "sample_rate"),
-        (np.ones(16000, np.int32), 16000, InvalidAudioError, "int16"),
+        (np.ones(16000, np.uint8), 16000, InvalidAudioError, "int16"),
     ],
 )
 def test_prepare_voice_rejects_bad_audio(model, wav, rate, error, match):

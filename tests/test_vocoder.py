@@ -255,7 +255,7 @@ def test_kaldi_fbank_shape():
         (lambda: prompt_mel_24k(np.zeros(16000, np.float32), 0), "sample_rate"),
         (lambda: kaldi_fbank_16k(np.zeros(22050, np.float32), 22050), "16000 Hz"),
         (lambda: kaldi_fbank_16k(np.zeros(100, np.float32)), "too short"),
-        (lambda: kaldi_fbank_16k(np.zeros(1000, np.int32)), "dtype"),
+        (lambda: kaldi_fbank_16k(np.zeros(1000, np.uint8)), "dtype"),
     ],
 )
 def test_front_end_typed_errors(call, match):

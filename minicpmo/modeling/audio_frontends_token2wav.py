@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..processing.audio_checks_minicpmo import InvalidAudioError, mono_waveform
+
 try:  # torchaudio is a pinned dependency; keep the import failure readable if it is missing.
     import torchaudio.compliance.kaldi as _kaldi
     import torchaudio.functional as _taf
@@ -41,42 +43,9 @@ FBANK_BINS = 80
 FBANK_MIN_SAMPLES = 400  # one 25 ms Kaldi frame at 16 kHz
 
 
-class InvalidAudioError(ValueError):
-    """Audio handed to a token2wav front-end is empty, non-finite, multi-channel, too short or at the wrong rate."""
-
-
 def _require_torchaudio() -> None:
     if _taf is None or _kaldi is None:
         raise ImportError("token2wav audio front-ends need torchaudio (pip install torchaudio)")
-
-
-def as_mono_waveform(wav, name: str = "audio") -> torch.Tensor:
-    """np.ndarray / Tensor, shape [N], [1, N] or [N, 1], float or int16 -> float32 Tensor [N]."""
-    if isinstance(wav, np.ndarray):
-        if wav.dtype == np.int16:
-            wav = wav.astype(np.float32) / 32768.0
-        elif not np.issubdtype(wav.dtype, np.floating):
-            raise InvalidAudioError(f"{name} must hold float or int16 samples, got dtype {wav.dtype}")
-        tensor = torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32))
-    elif isinstance(wav, torch.Tensor):
-        if wav.dtype == torch.int16:
-            tensor = wav.float() / 32768.0
-        elif wav.is_floating_point():
-            tensor = wav.float()
-        else:
-            raise InvalidAudioError(f"{name} must hold float or int16 samples, got dtype {wav.dtype}")
-    else:
-        raise InvalidAudioError(f"{name} must be a numpy array or torch.Tensor, got {type(wav).__name__}")
-
-    if tensor.dim() == 2 and 1 in tensor.shape:
-        tensor = tensor.reshape(-1)
-    if tensor.dim() != 1:
-        raise InvalidAudioError(f"{name} must be mono with shape [N] (or [1, N]), got shape {tuple(tensor.shape)}")
-    if tensor.numel() == 0:
-        raise InvalidAudioError(f"{name} is empty")
-    if not torch.isfinite(tensor).all():
-        raise InvalidAudioError(f"{name} contains NaN or infinite samples")
-    return tensor
 
 
 def _check_sample_rate(sample_rate) -> int:
@@ -104,7 +73,7 @@ def prompt_mel_24k(wav, sample_rate: int) -> torch.Tensor:
     """Reference-voice log-mel for the flow prompt: audio at any rate -> Tensor [T, 80], T = N_24k // 480."""
     _require_torchaudio()
     sample_rate = _check_sample_rate(sample_rate)
-    audio = as_mono_waveform(wav, "prompt audio")
+    audio = mono_waveform(wav, "prompt audio")
     if sample_rate != PROMPT_MEL_SAMPLE_RATE:
         audio = _taf.resample(audio, sample_rate, PROMPT_MEL_SAMPLE_RATE)
     pad = (PROMPT_MEL_N_FFT - PROMPT_MEL_HOP) // 2
@@ -151,7 +120,7 @@ def kaldi_fbank_16k(wav, sample_rate: int = FBANK_SAMPLE_RATE) -> torch.Tensor:
         raise InvalidAudioError(
             f"speaker-embedding audio must be sampled at {FBANK_SAMPLE_RATE} Hz, got {sample_rate} Hz; resample first"
         )
-    audio = as_mono_waveform(wav, "speaker audio")
+    audio = mono_waveform(wav, "speaker audio")
     if audio.numel() < FBANK_MIN_SAMPLES:
         raise InvalidAudioError(
             f"speaker audio is too short: {audio.numel()} samples, need at least {FBANK_MIN_SAMPLES} (25 ms)"
@@ -161,7 +130,6 @@ def kaldi_fbank_16k(wav, sample_rate: int = FBANK_SAMPLE_RATE) -> torch.Tensor:
 
 __all__ = [
     "InvalidAudioError",
-    "as_mono_waveform",
     "fit_prompt_mel",
     "kaldi_fbank_16k",
     "prompt_mel_24k",

@@ -77,6 +77,14 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from ..processing.audio_checks_minicpmo import (  # noqa: F401 (audio error types re-exported with the tokenizer)
+    AudioDtypeError,
+    EmptyAudioError,
+    MultiChannelAudioError,
+    NonFiniteAudioError,
+    mono_waveform,
+)
+
 try:  # optional: the quantiser's library
     from vector_quantize_pytorch import FSQ as _FSQ
 except ImportError:  # pragma: no cover - exercised only on installs without the extra
@@ -107,28 +115,12 @@ class SampleRateError(SpeechTokenizerInputError):
     """The S3 tokenizer takes 16 kHz audio only; resample first."""
 
 
-class EmptyAudioError(SpeechTokenizerInputError):
-    """The waveform has no samples."""
-
-
 class AudioTooShortError(SpeechTokenizerInputError):
     """The waveform is shorter than one centred STFT window can reflect-pad."""
 
 
 class AudioTooLongError(SpeechTokenizerInputError):
     """The waveform is longer than one encoder window (30 s for v2)."""
-
-
-class NonFiniteAudioError(SpeechTokenizerInputError):
-    """The waveform holds NaN or infinite samples."""
-
-
-class MultiChannelAudioError(SpeechTokenizerInputError):
-    """The waveform has more than one channel; mix down to mono first."""
-
-
-class AudioDtypeError(TypeError):
-    """The waveform is not a float / int16 numpy array or torch tensor."""
 
 
 class S3TokenizerCheckpointError(ValueError):
@@ -238,37 +230,11 @@ def _as_mono_16k(wav, sample_rate: int, name: str = "audio") -> torch.Tensor:
             f"{name}: the S3 tokenizer needs {S3_SAMPLE_RATE} Hz audio, got {sample_rate} Hz; "
             "resample first (torchaudio.functional.resample)"
         )
-    if isinstance(wav, np.ndarray):
-        if wav.dtype == np.int16:
-            tensor = torch.from_numpy(wav.astype(np.float32) / 32768.0)
-        elif np.issubdtype(wav.dtype, np.floating):
-            tensor = torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32))
-        else:
-            raise AudioDtypeError(f"{name} must hold float or int16 samples, got numpy dtype {wav.dtype}")
-    elif isinstance(wav, torch.Tensor):
-        if wav.dtype == torch.int16:
-            tensor = wav.float() / 32768.0
-        elif wav.is_floating_point():
-            tensor = wav.float()
-        else:
-            raise AudioDtypeError(f"{name} must hold float or int16 samples, got torch dtype {wav.dtype}")
-    else:
-        raise AudioDtypeError(f"{name} must be a numpy array or torch.Tensor, got {type(wav).__name__}")
-
-    if tensor.dim() == 2 and 1 in tensor.shape:
-        tensor = tensor.reshape(-1)
-    if tensor.dim() != 1:
-        raise MultiChannelAudioError(
-            f"{name} must be mono with shape [N] (or [1, N]); got shape {tuple(tensor.shape)} - mix channels down first"
-        )
-    if tensor.numel() == 0:
-        raise EmptyAudioError(f"{name} is empty (0 samples)")
+    tensor = mono_waveform(wav, name)
     if tensor.numel() < S3_MIN_SAMPLES:
         raise AudioTooShortError(
             f"{name} has {tensor.numel()} samples; the S3 tokenizer needs at least {S3_MIN_SAMPLES} (12.6 ms at 16 kHz)"
         )
-    if not torch.isfinite(tensor).all():
-        raise NonFiniteAudioError(f"{name} contains NaN or infinite samples")
     return tensor
 
 

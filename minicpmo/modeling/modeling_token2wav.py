@@ -40,11 +40,11 @@ from torch import nn
 
 from transformers import initialization as init
 
+from ..processing.audio_checks_minicpmo import mono_waveform
 from .audio_frontends_token2wav import (
     FBANK_SAMPLE_RATE,
     PROMPT_MEL_BINS,
     InvalidAudioError,
-    as_mono_waveform,
     fit_prompt_mel,
     prompt_mel_24k,
 )
@@ -342,7 +342,7 @@ class MiniCPMOToken2Wav(nn.Module):
             raise Token2WavInputError(
                 "this token2wav was built with voice_encoders=False; pass a ready VoicePrompt instead"
             )
-        audio = as_mono_waveform(wav, "reference voice")
+        audio = mono_waveform(wav, "reference voice")
         if isinstance(sample_rate, bool) or not isinstance(sample_rate, int) or sample_rate <= 0:
             raise InvalidAudioError(f"sample_rate must be a positive int (Hz), got {sample_rate!r}")
         seconds = audio.numel() / sample_rate

@@ -14,6 +14,8 @@ import numpy as np
 from transformers import WhisperFeatureExtractor
 from transformers.feature_extraction_utils import BatchFeature
 
+from .audio_checks_minicpmo import InvalidAudioError, MultiChannelAudioError, mono_waveform  # noqa: F401 (re-exported)
+
 
 SAMPLING_RATE = 16000
 HOP_LENGTH = 160
@@ -21,16 +23,8 @@ PIECE_SECONDS = 30
 AUDIO_POOL_STEP = 5
 
 
-class InvalidAudioError(ValueError):
-    """Audio that cannot be turned into features (empty, NaN/inf, unsupported dtype, too short)."""
-
-
 class UnsupportedSamplingRateError(ValueError):
     """Audio given at a rate other than 16 kHz; resample it first (e.g. torchaudio.functional.resample)."""
-
-
-class MultiChannelAudioError(ValueError):
-    """A multi-channel waveform where a mono one is required; average the channels first."""
 
 
 def frames_to_token_count(num_frames: int, pool_step: int = AUDIO_POOL_STEP) -> int:
@@ -56,32 +50,8 @@ def audio_token_count(num_samples: int, pool_step: int = AUDIO_POOL_STEP) -> int
 
 
 def validate_waveform(waveform: Any, name: str = "audio") -> np.ndarray:
-    """Return a float32 mono 1-D copy of `waveform` or raise a typed error that names the problem."""
-    if type(waveform).__module__.startswith("torch"):
-        waveform = waveform.detach().cpu().numpy()
-    if isinstance(waveform, (list, tuple)):
-        waveform = np.asarray(waveform)
-    if not isinstance(waveform, np.ndarray):
-        raise InvalidAudioError(f"{name} must be a numpy array or torch tensor, got {type(waveform).__name__}")
-    if waveform.ndim == 2 and 1 in waveform.shape:
-        waveform = waveform.reshape(-1)
-    if waveform.ndim == 2:
-        raise MultiChannelAudioError(
-            f"{name} has shape {tuple(waveform.shape)}: multi-channel audio is not supported, pass mono 16 kHz audio"
-        )
-    if waveform.ndim != 1:
-        raise InvalidAudioError(f"{name} must be a 1-D mono waveform, got shape {tuple(waveform.shape)}")
-    if waveform.size == 0:
-        raise InvalidAudioError(f"{name} is empty")
-    if np.issubdtype(waveform.dtype, np.floating):
-        waveform = waveform.astype(np.float32)
-    elif np.issubdtype(waveform.dtype, np.signedinteger) and waveform.dtype.itemsize in (2, 4):
-        waveform = waveform.astype(np.float32) / float(np.iinfo(waveform.dtype).max + 1)  # PCM int16/int32
-    else:
-        raise InvalidAudioError(f"{name} has unsupported dtype {waveform.dtype}: use float32 or int16 PCM")
-    if not np.isfinite(waveform).all():
-        raise InvalidAudioError(f"{name} contains NaN or infinite values")
-    return waveform
+    """Return a float32 mono 1-D numpy copy of `waveform` or raise a typed error that names the problem."""
+    return mono_waveform(waveform, name).cpu().numpy().copy()
 
 
 class MiniCPMOFeatureExtractor(WhisperFeatureExtractor):
