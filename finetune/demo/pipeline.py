@@ -37,7 +37,7 @@ REPORT_FILE = "training_report.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 # Default minutes per stage (total ~80 with data and export on 2 cores).
 STAGE_MINUTES = {
-    "speech_tokenizer": 5.0,
+    "speech_tokenizer": 6.0,
     "flow": 8.0,
     "vocoder": 9.0,
     "questions": 14.0,
