@@ -40,19 +40,31 @@ def test_the_space_serves_the_demo_model_with_its_voice(loaded):
     assert next(loaded.model.parameters()).dtype == torch.float32  # bf16 on disk, fp32 on CPU
 
 
-def test_the_demo_model_answers_a_spoken_question_about_the_scene(loaded):
+def _replayed(loaded, episode_type: str, n: int = 4) -> list[dict]:
     from minicpmo.duplex_metrics import episode_metrics
     from minicpmo.duplex_replay import replay
     from minicpmo.processing.duplex_layout_minicpmo import DEFAULT_DUPLEX_SYSTEM_TEXT
     from minicpmo.synthetic import generate_episodes
 
-    episodes = generate_episodes(4, seed=1, split="heldout", types=("question",))
-    taken = 0
-    for episode in episodes:
+    results = []
+    for episode in generate_episodes(n, seed=1, split="heldout", types=(episode_type,)):
         with torch.inference_mode():
             result = replay(loaded.model, loaded.processor, episode.user_audio, [image for _, image in episode.frames],
                             DEFAULT_DUPLEX_SYSTEM_TEXT, generate_audio=False, force_listen_count=1)
-        metrics = episode_metrics(result.events, episode.ground_truth)
-        assert metrics["must_listen_violations"] == 0  # never talks over the question
-        taken += metrics["turns"][0]["taken"]
-    assert taken >= 3  # takes the turn after the question
+        results.append(episode_metrics(result.events, episode.ground_truth))
+    return results
+
+
+def test_the_demo_model_takes_the_turn_after_a_question_and_not_in_a_pause(loaded):
+    questions = _replayed(loaded, "question")
+    assert all(metrics["must_listen_violations"] == 0 for metrics in questions)  # never talks over the question
+    assert sum(metrics["turns"][0]["taken"] for metrics in questions) >= 3
+    pauses = _replayed(loaded, "pause")
+    assert sum(metrics["pause_taken_over"] for metrics in pauses) <= 1  # keeps listening through a mid-sentence pause
+    assert sum(metrics["turns"][0]["taken"] for metrics in pauses) >= 3  # and answers once the question is complete
+
+
+def test_the_demo_model_stops_when_interrupted(loaded):
+    cut_in = [metrics["interruption"] for metrics in _replayed(loaded, "interruption", n=3)]
+    talking = [event for event in cut_in if event["speaking_at_onset"]]
+    assert talking and all(event["stopped"] and event["latency_s"] <= 2.0 for event in talking)
