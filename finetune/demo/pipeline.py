@@ -7,7 +7,9 @@ Stages (each under a wall-clock budget; `--minutes` scales them all):
 3. questions: recipes/questions.yaml (turn_based, every parameter) - encoders + LLM learn the world;
 4. duplex: recipes/duplex.yaml (duplex SFT with speech loss, joint_sft);
 5. speech_decoder: recipes/speech_decoder.yaml (speech_pretrain: the decoder alone on the final LLM);
-6. export: bf16 safetensors + processor + voice reference + training_report.json in DIR.
+6. rehearsal: recipes/rehearsal.yaml, duplex sessions and scene questions together (duplex SFT alone makes the
+   model forget turn-based chat);
+7. export: bf16 safetensors + processor + voice reference + training_report.json in DIR.
 
 The model and processor stay in memory from stage to stage; each recipe stage is an ordinary `finetune.sft`
 trainer built from its YAML with the paths filled in.
@@ -35,7 +37,7 @@ RECIPES = Path(__file__).with_name("recipes")
 VOICE_FILE = "voice.wav"
 REPORT_FILE = "training_report.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-# Default minutes per stage (total ~80 with data and export on 2 cores).
+# Default minutes per stage (total ~81 with data and export on 2 cores).
 STAGE_MINUTES = {
     "speech_tokenizer": 6.0,
     "flow": 8.0,
@@ -43,6 +45,7 @@ STAGE_MINUTES = {
     "questions": 14.0,
     "duplex": 28.0,
     "speech_decoder": 6.0,
+    "rehearsal": 8.0,
 }
 
 
@@ -74,17 +77,18 @@ def build_processor(config):
     return MiniCPMOProcessor.from_defaults(image_feature_size=config.query_num, scale_resolution=224)
 
 
-def run_recipe(name: str, model, processor, settings: DemoSettings, data_file: Path, report: dict) -> None:
-    """Train one recipe stage in place on `model` for its budget; records steps and losses in `report`."""
-    budget = settings.budget_s(name)
-    recipe = load_recipe(RECIPES / f"{name}.yaml", overrides=[
+def _recipe(name: str, settings: DemoSettings, data_file: Path):
+    return load_recipe(RECIPES / f"{name}.yaml", overrides=[
         f"model={settings.work / 'unused'}",
         f"data.train={data_file}",
         f"sft.output_dir={settings.work / 'runs' / name}",
         f"sft.seed={settings.seed}",
     ])
-    started = time.perf_counter()
-    trainer = build_trainer(recipe, model=model, processor=processor, callbacks=[WallClockStop(budget)])
+
+
+def _train_for_budget(name: str, trainer, budget: float, started: float, settings: DemoSettings,
+                      report: dict) -> None:
+    """Size the schedule to what is left of the budget, train, and record steps and losses in `report`."""
     steps = fit_max_steps(trainer, budget - (time.perf_counter() - started))
     settings.log(f"[{name}] {steps} steps planned in {budget / 60:.1f} min")
     result = trainer.train()
@@ -99,6 +103,46 @@ def run_recipe(name: str, model, processor, settings: DemoSettings, data_file: P
         "last_logged": history[-1] if history else None,
     }
     settings.log(f"[{name}] done: {report[name]['steps']} steps, last {report[name]['last_logged']}")
+
+
+def run_recipe(name: str, model, processor, settings: DemoSettings, data_file: Path, report: dict) -> None:
+    """Train one recipe stage in place on `model` for its budget."""
+    budget = settings.budget_s(name)
+    started = time.perf_counter()
+    trainer = build_trainer(_recipe(name, settings, data_file), model=model, processor=processor,
+                            callbacks=[WallClockStop(budget)])
+    _train_for_budget(name, trainer, budget, started, settings, report)
+
+
+def run_rehearsal(model, processor, settings: DemoSettings, sessions: Path, questions: Path, report: dict) -> None:
+    """Duplex sessions and scene questions in one trainer (see mixed.py), with each recipe's own collator."""
+    from ..collators import build_collator
+    from ..data import load_conversations
+    from ..duplex_data import load_duplex_sessions
+    from ..presets import freeze_for_preset, get_preset
+    from ..sft import build_sft_config
+    from ..trainer import OmniSFTTrainer
+    from .mixed import GroupedBatchCollator, GroupedBatches
+
+    budget = settings.budget_s("rehearsal")
+    started = time.perf_counter()
+    duplex, chat = _recipe("duplex", settings, sessions), _recipe("questions", settings, questions)
+    recipe = _recipe("rehearsal", settings, sessions)
+    sources = {"duplex": load_duplex_sessions(sessions), "questions": load_conversations(questions)}
+    batch_sizes = {"duplex": duplex.sft["per_device_train_batch_size"],
+                   "questions": chat.sft["per_device_train_batch_size"]}
+    collators = {
+        "duplex": build_collator(duplex.collator_name, processor, media_root=sessions.parent, **duplex.collator_kwargs),
+        "questions": build_collator(chat.collator_name, processor, media_root=questions.parent, **chat.collator_kwargs),
+    }
+    freeze_for_preset(model, get_preset(recipe.preset))
+    trainer = OmniSFTTrainer(
+        model=model, args=build_sft_config(recipe), data_collator=GroupedBatchCollator(collators),
+        train_dataset=GroupedBatches(sources, batch_sizes, seed=settings.seed), processing_class=processor,
+        callbacks=[WallClockStop(budget)], speech_loss_weight=recipe.speech_loss_weight,
+        text_loss_weight=recipe.text_loss_weight, labelled_logits_only=recipe.labelled_logits_only,
+    )
+    _train_for_budget("rehearsal", trainer, budget, started, settings, report)
 
 
 def train_speech_units(model, settings: DemoSettings, report: dict):
@@ -186,6 +230,7 @@ def build_demo_model(settings: DemoSettings) -> dict:
     run_recipe("questions", model, processor, settings, questions, report)
     run_recipe("duplex", model, processor, settings, sessions, report)
     run_recipe("speech_decoder", model, processor, settings, sessions, report)
+    run_rehearsal(model, processor, settings, sessions, questions, report)
     model.requires_grad_(True)
     report["total_minutes"] = (time.perf_counter() - started) / 60
     export(model.eval(), processor, reference, settings, report)
