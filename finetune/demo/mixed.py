@@ -2,47 +2,44 @@
 
 Duplex SFT alone makes the model forget turn-based chat (after the duplex stage the demo model answered scene
 questions in chat with empty text). The last demo stage therefore trains on duplex sessions and scene questions
-together. Batches stay homogeneous — each recipe's own collator builds them — so the dataset's items are whole
+together. Batches stay homogeneous — each recipe's own collator builds them — so the dataset's rows are whole
 pre-grouped batches (the trainer runs with batch size 1 and `GroupedBatchCollator` unwraps them).
 """
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
-import torch
 
 
 class MixedDataError(ValueError):
     """No data, or a batch size that is not positive."""
 
 
-class GroupedBatches(torch.utils.data.Dataset):
-    """Items are (source name, list of rows): every source's rows shuffled and cut into its batch size, the
-    batches of all sources interleaved in a seeded random order (each row appears once per epoch)."""
+def grouped_batches(sources: dict[str, object], batch_sizes: dict[str, int], seed: int = 0):
+    """A `datasets.Dataset` whose rows are whole batches: `source` (the name) and `rows` (the batch's rows as JSON,
+    since the sources' rows have different schemas). Every source's rows are shuffled and cut into its batch size,
+    and the batches of all sources interleaved in a seeded random order (each row appears once per epoch)."""
+    import datasets
 
-    def __init__(self, sources: dict[str, object], batch_sizes: dict[str, int], seed: int = 0):
-        if not sources:
-            raise MixedDataError("need at least one data source")
-        rng = np.random.default_rng(seed)
-        self.items: list[tuple[str, list]] = []
-        for name, rows in sources.items():
-            size = int(batch_sizes[name])
-            if size < 1 or len(rows) == 0:
-                raise MixedDataError(f"source {name!r} needs rows and a batch size >= 1, got {len(rows)}, {size}")
-            order = rng.permutation(len(rows))
-            self.items += [(name, [rows[int(i)] for i in order[start:start + size]])
-                           for start in range(0, len(order), size)]
-        self.items = [self.items[int(i)] for i in rng.permutation(len(self.items))]
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> tuple[str, list]:
-        return self.items[index]
+    if not sources:
+        raise MixedDataError("need at least one data source")
+    rng = np.random.default_rng(seed)
+    items: list[tuple[str, str]] = []
+    for name, rows in sources.items():
+        size = int(batch_sizes[name])
+        if size < 1 or len(rows) == 0:
+            raise MixedDataError(f"source {name!r} needs rows and a batch size >= 1, got {len(rows)}, {size}")
+        order = rng.permutation(len(rows))
+        items += [(name, json.dumps([rows[int(i)] for i in order[start:start + size]]))
+                  for start in range(0, len(order), size)]
+    items = [items[int(i)] for i in rng.permutation(len(items))]
+    return datasets.Dataset.from_dict({"source": [name for name, _ in items], "rows": [rows for _, rows in items]})
 
 
 class GroupedBatchCollator:
-    """[(name, rows)] (batch size 1) -> the batch that source `name`'s collator builds from `rows`."""
+    """[{source, rows}] (batch size 1) -> the batch that the source's collator builds from its rows."""
 
     def __init__(self, collators: dict[str, object]):
         self.collators = collators
@@ -57,11 +54,10 @@ class GroupedBatchCollator:
             if hasattr(collator, "speech_tokenizer") and collator.speech_tokenizer is None:
                 collator.speech_tokenizer = value
 
-    def __call__(self, items: list[tuple[str, list]]) -> dict:
+    def __call__(self, items: list[dict]) -> dict:
         if len(items) != 1:
             raise MixedDataError(f"grouped batches need per_device_train_batch_size=1, got {len(items)} items")
-        name, rows = items[0]
-        return self.collators[name](rows)
+        return self.collators[items[0]["source"]](json.loads(items[0]["rows"]))
 
 
-__all__ = ["GroupedBatchCollator", "GroupedBatches", "MixedDataError"]
+__all__ = ["GroupedBatchCollator", "MixedDataError", "grouped_batches"]

@@ -122,7 +122,7 @@ def run_rehearsal(model, processor, settings: DemoSettings, sessions: Path, ques
     from ..presets import freeze_for_preset, get_preset
     from ..sft import build_sft_config
     from ..trainer import OmniSFTTrainer
-    from .mixed import GroupedBatchCollator, GroupedBatches
+    from .mixed import GroupedBatchCollator, grouped_batches
 
     budget = settings.budget_s("rehearsal")
     started = time.perf_counter()
@@ -138,7 +138,7 @@ def run_rehearsal(model, processor, settings: DemoSettings, sessions: Path, ques
     freeze_for_preset(model, get_preset(recipe.preset))
     trainer = OmniSFTTrainer(
         model=model, args=build_sft_config(recipe), data_collator=GroupedBatchCollator(collators),
-        train_dataset=GroupedBatches(sources, batch_sizes, seed=settings.seed), processing_class=processor,
+        train_dataset=grouped_batches(sources, batch_sizes, seed=settings.seed), processing_class=processor,
         callbacks=[WallClockStop(budget)], speech_loss_weight=recipe.speech_loss_weight,
         text_loss_weight=recipe.text_loss_weight, labelled_logits_only=recipe.labelled_logits_only,
     )
