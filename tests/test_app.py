@@ -17,7 +17,8 @@ from PIL import Image
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-from minicpmo.space import SpaceSettings, build_demo, load_default_model  # noqa: E402
+from minicpmo.space import SpaceSettings, build_demo  # noqa: E402
+from minicpmo.space.model_loading import load_tiny_model  # noqa: E402
 from minicpmo.space.audio_io import UnitAssembler, browser_chunk_to_mono, to_int16  # noqa: E402
 from minicpmo.space.live_sessions import LiveOptions, LiveSessionManager, LiveSessionsBusy  # noqa: E402
 from minicpmo.space.live_view import render_timeline  # noqa: E402
@@ -59,7 +60,9 @@ def speech_wav(path: Path, text: str = "Hello, can you see the red square?", sec
 
 @pytest.fixture(scope="module")
 def loaded():
-    return load_default_model()
+    # Wiring checks: the random tiny model talks (text and speech) for any input, so every endpoint's output can be
+    # checked for content; the trained default model's behaviour is tested in test_demo_model.py.
+    return load_tiny_model()
 
 
 @pytest.fixture(scope="module")
@@ -241,9 +244,9 @@ def test_a_corrupt_upload_fails_only_for_its_caller(client, media):
 def test_model_choice_flag_env_var_and_deterministic_default(loaded, tmp_path, monkeypatch):
     from minicpmo.space import load_model
 
-    again = load_default_model()
+    again = load_tiny_model()
     first_name, first = next(iter(loaded.model.state_dict().items()))
-    assert again.model.state_dict()[first_name].equal(first)  # the embedded default is reproducible
+    assert again.model.state_dict()[first_name].equal(first)  # the fallback default is reproducible
     folder = tmp_path / "checkpoint"
     loaded.model.save_pretrained(folder)
     loaded.processor.save_pretrained(folder)

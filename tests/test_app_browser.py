@@ -63,11 +63,12 @@ def poll(page, script: str, done, timeout_s: float):
 
 @pytest.fixture(scope="module")
 def app():
-    from minicpmo.space import SpaceSettings, build_demo, load_default_model
+    from minicpmo.space import SpaceSettings, build_demo
+    from minicpmo.space.model_loading import load_tiny_model  # talks for any input: wiring, not behaviour
 
     settings = SpaceSettings(max_live_sessions=1, live_force_listen_count=0, live_listen_bias=-1e9,
                              live_max_speak_tokens=4, chat_max_new_tokens=8, chat_max_speech_codes=25)
-    demo = build_demo(load_default_model(), settings)
+    demo = build_demo(load_tiny_model(), settings)
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, show_error=True)
     yield demo, f"http://127.0.0.1:{port}/"

@@ -68,3 +68,19 @@ def test_the_demo_model_stops_when_interrupted(loaded):
     cut_in = [metrics["interruption"] for metrics in _replayed(loaded, "interruption", n=3)]
     talking = [event for event in cut_in if event["speaking_at_onset"]]
     assert talking and all(event["stopped"] and event["latency_s"] <= 2.0 for event in talking)
+
+
+def test_the_demo_model_chats_about_a_scene_in_the_sentence_forms_it_was_taught(loaded):
+    from minicpmo.chat_prompts import system_message
+    from minicpmo.synthetic.scenes import SceneQuestion, random_scene, render
+
+    image = render(random_scene(np.random.default_rng(5)).state_at(0), 224)
+    forms = {SceneQuestion("exists_shape", shape="square"): ("yes, there is a square.", "no, there is no square."),
+             SceneQuestion("count_shape", shape="circle"): ("circle",)}
+    for question, expected in forms.items():
+        messages = [system_message(None),
+                    {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question.text()}]}]
+        with torch.inference_mode():
+            reply = "".join(chunk.text for chunk in loaded.model.chat(
+                messages, processor=loaded.processor, stream=True, generate_audio=False, max_new_tokens=20))
+        assert any(form in reply.lower() for form in expected), (question.text(), reply)

@@ -53,6 +53,11 @@ def load_default_model() -> LoadedModel:
     """The embedded default model (see module docstring); deterministic across runs."""
     if (DEMO_MODEL_DIR / "config.json").is_file():
         return load_pretrained(DEMO_MODEL_DIR)
+    return load_tiny_model()
+
+
+def load_tiny_model() -> LoadedModel:
+    """The tiny random model (seed 0): untrained, for wiring checks; the fallback default."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = MiniCPMOForConditionalGeneration(tiny_config()).eval()
