@@ -215,3 +215,25 @@ def test_demo_command_runs_every_stage_and_writes_a_loadable_model(tmp_path):
     processor = MiniCPMOProcessor.from_pretrained(out)
     assert processor.image_processor.image_feature_size == model.config.query_num == 16
     assert len(processor.tokenizer) == 151748 and (out / "voice.wav").is_file()
+
+
+# ---- rehearsal: grouped batches from several sources -----------------------------------------------------------
+def test_grouped_batches_keep_each_batch_to_one_source_and_every_row_once():
+    from finetune.demo.mixed import GroupedBatchCollator, MixedDataError, grouped_batches
+
+    sources = {"duplex": [{"id": f"d{i}"} for i in range(5)], "questions": [{"q": i} for i in range(7)]}
+    dataset = grouped_batches(sources, {"duplex": 2, "questions": 3}, seed=0)
+    assert len(dataset) == 3 + 3
+    assert list(dataset["source"]) == list(grouped_batches(sources, {"duplex": 2, "questions": 3}, seed=0)["source"])
+    collator = GroupedBatchCollator({"duplex": lambda rows: ("D", rows), "questions": lambda rows: ("Q", rows)})
+    seen = {"D": [], "Q": []}
+    for item in dataset:
+        kind, rows = collator([item])
+        assert all(("id" in row) == (kind == "D") for row in rows)
+        seen[kind] += rows
+    assert sorted(row["id"] for row in seen["D"]) == [f"d{i}" for i in range(5)]
+    assert sorted(row["q"] for row in seen["Q"]) == list(range(7))
+    with pytest.raises(MixedDataError, match="per_device_train_batch_size=1"):
+        collator([dataset[0], dataset[1]])
+    with pytest.raises(MixedDataError, match="needs rows"):
+        grouped_batches({"duplex": []}, {"duplex": 2})

@@ -44,6 +44,7 @@ class GroupedBatchCollator:
     def __init__(self, collators: dict[str, object]):
         self.collators = collators
 
+    # OmniSFTTrainer hands the model's speech tokenizer to a collator whose `speech_tokenizer` is None; pass it on.
     @property
     def speech_tokenizer(self):
         return None

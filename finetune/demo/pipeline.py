@@ -49,10 +49,6 @@ STAGE_MINUTES = {
 }
 
 
-class DemoBuildError(ValueError):
-    """Bad pipeline arguments (unknown stage, non-positive sizes or budgets)."""
-
-
 @dataclass
 class DemoSettings:
     out: Path
@@ -259,4 +255,4 @@ def main(argv: list[str] | None = None) -> dict:
     return build_demo_model(settings)
 
 
-__all__ = ["DemoBuildError", "DemoSettings", "STAGE_MINUTES", "build_demo_model", "build_processor", "main"]
+__all__ = ["DemoSettings", "STAGE_MINUTES", "build_demo_model", "build_processor", "main"]
