@@ -89,23 +89,34 @@ def prepare_model(model, recipe: Recipe):
     return None
 
 
-def build_trainer(recipe: Recipe, output_dir: str | None = None, model=None, processor=None, callbacks=None):
-    """An `OmniSFTTrainer` (an `SFTTrainer`) ready to `train()`; `model` / `processor` may be passed in."""
+def recipe_training_data(recipe: Recipe, processor):
+    """The recipe's training rows (loaded by its collator's loader) and its collator (media under the data folder
+    unless `data.media_root` says otherwise)."""
+    train_dataset = dataset_loader(recipe.collator_name)(recipe.train_data)
+    media_root = recipe.media_root or default_media_root(recipe.train_data)
+    collator = build_collator(recipe.collator_name, processor, media_root=media_root, **recipe.collator_kwargs)
+    return train_dataset, collator
+
+
+def build_trainer(recipe: Recipe, output_dir: str | None = None, model=None, processor=None, callbacks=None,
+                  train_dataset=None, data_collator=None):
+    """An `OmniSFTTrainer` (an `SFTTrainer`) ready to `train()`; `model` / `processor` may be passed in, and so may
+    `train_dataset` + `data_collator` (both, e.g. data mixed from several recipes) instead of the recipe's data."""
     from .trainer import OmniSFTTrainer
 
+    if (train_dataset is None) != (data_collator is None):
+        raise RecipeError("pass train_dataset and data_collator together, or neither (the recipe's data is used)")
     args = build_sft_config(recipe, output_dir)
     model = load_model(recipe) if model is None else model
     processor = load_processor(recipe) if processor is None else processor
     peft_config = prepare_model(model, recipe)
-    load_rows = dataset_loader(recipe.collator_name)
-    train_dataset = load_rows(recipe.train_data)
-    eval_dataset = load_rows(recipe.eval_data) if recipe.eval_data else None
-    media_root = recipe.media_root or default_media_root(recipe.train_data)
-    collator = build_collator(recipe.collator_name, processor, media_root=media_root, **recipe.collator_kwargs)
+    eval_dataset = dataset_loader(recipe.collator_name)(recipe.eval_data) if recipe.eval_data else None
+    if train_dataset is None:
+        train_dataset, data_collator = recipe_training_data(recipe, processor)
     return OmniSFTTrainer(
         model=model,
         args=args,
-        data_collator=collator,
+        data_collator=data_collator,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=processor,

@@ -13,6 +13,7 @@ BUNDLED_VOICES = {
     "minicpm_signature": VOICES_DIR / "ref_minicpm_signature.wav",
 }
 DEFAULT_VOICE = "en_dlc"
+MODEL_VOICE_FILE = "voice.wav"  # a model folder's own voice reference (the demo model ships one; the Space uses it)
 
 
 class UnknownVoiceError(ValueError):

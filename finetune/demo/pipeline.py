@@ -28,13 +28,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from minicpmo.voices import MODEL_VOICE_FILE
+
 from ..config import load_recipe
 from ..sft import build_trainer
 from .budget import WallClockStop, fit_max_steps
 from .data import write_duplex_sessions, write_scene_questions
 
 RECIPES = Path(__file__).with_name("recipes")
-VOICE_FILE = "voice.wav"
 REPORT_FILE = "training_report.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 # Default minutes per stage (total ~81 with data and export on 2 cores).
@@ -112,32 +113,20 @@ def run_recipe(name: str, model, processor, settings: DemoSettings, data_file: P
 
 def run_rehearsal(model, processor, settings: DemoSettings, sessions: Path, questions: Path, report: dict) -> None:
     """Duplex sessions and scene questions in one trainer (see mixed.py), with each recipe's own collator."""
-    from ..collators import build_collator
-    from ..data import load_conversations
-    from ..duplex_data import load_duplex_sessions
-    from ..presets import freeze_for_preset, get_preset
-    from ..sft import build_sft_config
-    from ..trainer import OmniSFTTrainer
+    from ..sft import recipe_training_data
     from .mixed import GroupedBatchCollator, grouped_batches
 
     budget = settings.budget_s("rehearsal")
     started = time.perf_counter()
-    duplex, chat = _recipe("duplex", settings, sessions), _recipe("questions", settings, questions)
-    recipe = _recipe("rehearsal", settings, sessions)
-    sources = {"duplex": load_duplex_sessions(sessions), "questions": load_conversations(questions)}
-    batch_sizes = {"duplex": duplex.sft["per_device_train_batch_size"],
-                   "questions": chat.sft["per_device_train_batch_size"]}
-    collators = {
-        "duplex": build_collator(duplex.collator_name, processor, media_root=sessions.parent, **duplex.collator_kwargs),
-        "questions": build_collator(chat.collator_name, processor, media_root=questions.parent, **chat.collator_kwargs),
-    }
-    freeze_for_preset(model, get_preset(recipe.preset))
-    trainer = OmniSFTTrainer(
-        model=model, args=build_sft_config(recipe), data_collator=GroupedBatchCollator(collators),
-        train_dataset=grouped_batches(sources, batch_sizes, seed=settings.seed), processing_class=processor,
-        callbacks=[WallClockStop(budget)], speech_loss_weight=recipe.speech_loss_weight,
-        text_loss_weight=recipe.text_loss_weight, labelled_logits_only=recipe.labelled_logits_only,
-    )
+    parts = {"duplex": _recipe("duplex", settings, sessions), "questions": _recipe("questions", settings, questions)}
+    data = {name: recipe_training_data(recipe, processor) for name, recipe in parts.items()}
+    sources = {name: rows for name, (rows, _) in data.items()}
+    collators = {name: collator for name, (_, collator) in data.items()}
+    batch_sizes = {name: recipe.sft["per_device_train_batch_size"] for name, recipe in parts.items()}
+    trainer = build_trainer(_recipe("rehearsal", settings, sessions), model=model, processor=processor,
+                            callbacks=[WallClockStop(budget)],
+                            train_dataset=grouped_batches(sources, batch_sizes, seed=settings.seed),
+                            data_collator=GroupedBatchCollator(collators))
     _train_for_budget("rehearsal", trainer, budget, started, settings, report)
 
 
@@ -184,7 +173,7 @@ def export(model, processor, reference, settings: DemoSettings, report: dict) ->
     processor.save_pretrained(out)
     for name in TOKENIZER_FILES:  # the vocabulary is the packaged one; loading falls back to it (saves 10 MB)
         (out / name).unlink(missing_ok=True)
-    soundfile.write(out / VOICE_FILE, reference.audio, reference.sample_rate)
+    soundfile.write(out / MODEL_VOICE_FILE, reference.audio, reference.sample_rate)
     sizes = {str(path.relative_to(out)): path.stat().st_size for path in out.rglob("*.safetensors")}
     report["export"] = {"safetensors_bytes": sizes, "total_mb": sum(sizes.values()) / 2**20}
     (out / REPORT_FILE).write_text(json.dumps(report, indent=1, default=str) + "\n")

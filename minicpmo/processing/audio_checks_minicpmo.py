@@ -39,7 +39,7 @@ def mono_waveform(waveform: Any, name: str = "audio") -> torch.Tensor:
     if isinstance(waveform, np.ndarray):
         tensor = _tensor_from_numpy(waveform, name)
     elif isinstance(waveform, torch.Tensor):
-        tensor = _float_samples(waveform.detach(), str(waveform.dtype).replace("torch.", ""), name)
+        tensor = _float_samples(waveform.detach(), name)
     else:
         raise AudioDtypeError(f"{name} must be a numpy array or torch tensor of samples, got {type(waveform).__name__}")
     if tensor.dim() == 2 and 1 in tensor.shape:
@@ -63,17 +63,17 @@ def _tensor_from_numpy(array: np.ndarray, name: str) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
     if array.dtype not in (np.int16, np.int32):
         raise _dtype_error(str(array.dtype), name)
-    return _float_samples(torch.from_numpy(np.ascontiguousarray(array)), str(array.dtype), name)
+    return _float_samples(torch.from_numpy(np.ascontiguousarray(array)), name)
 
 
-def _float_samples(tensor: torch.Tensor, dtype_name: str, name: str) -> torch.Tensor:
+def _float_samples(tensor: torch.Tensor, name: str) -> torch.Tensor:
     if tensor.is_floating_point():
         return tensor.float()
     if tensor.dtype == torch.int16:
         return tensor.float() / 32768.0
     if tensor.dtype == torch.int32:
         return tensor.double().div(2147483648.0).float()
-    raise _dtype_error(dtype_name, name)
+    raise _dtype_error(str(tensor.dtype).removeprefix("torch."), name)
 
 
 def _dtype_error(dtype_name: str, name: str) -> AudioDtypeError:

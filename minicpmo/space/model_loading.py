@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 
 from minicpmo import MiniCPMOForConditionalGeneration, MiniCPMOProcessor, tiny_config
+from minicpmo.voices import MODEL_VOICE_FILE
 
 DEMO_MODEL_DIR = Path(__file__).resolve().parents[1] / "assets" / "demo_model"
 MODEL_ENV_VAR = "MINICPMO_MODEL"
-MODEL_VOICE_FILE = "voice.wav"
 
 
 @dataclass
