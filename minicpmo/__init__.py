@@ -10,6 +10,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
     AutoProcessor,
+    AutoTokenizer,
 )
 
 from .configuration.configuration_minicpmo import (
@@ -27,11 +28,13 @@ from .modeling.modeling_minicpmo import (
 )
 from .modeling.modeling_multimodal_merge import PlaceholderMismatchError
 from .processing.processing_minicpmo import MiniCPMOProcessor
+from .processing.tokenization_minicpmo import MiniCPMOTokenizerFast
 
 AutoConfig.register(MiniCPMOConfig.model_type, MiniCPMOConfig, exist_ok=True)
 for _auto in (AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText):
     _auto.register(MiniCPMOConfig, MiniCPMOForConditionalGeneration, exist_ok=True)
 AutoProcessor.register(MiniCPMOConfig, MiniCPMOProcessor, exist_ok=True)
+AutoTokenizer.register(MiniCPMOConfig, fast_tokenizer_class=MiniCPMOTokenizerFast, exist_ok=True)
 
 __all__ = [
     "ContextLengthError",
@@ -41,6 +44,7 @@ __all__ = [
     "MiniCPMOModel",
     "MiniCPMOPreTrainedModel",
     "MiniCPMOProcessor",
+    "MiniCPMOTokenizerFast",
     "MiniCPMTTSConfig",
     "MiniCPMVSliceConfig",
     "PlaceholderMismatchError",

@@ -1,8 +1,10 @@
 """MiniCPM-o 4.5 tokenizer: the Qwen3 vocabulary plus 105 added tokens (151,748 in total).
 
-There is no custom tokenizer class: the official `MiniCPMOTokenizerFast` only adds convenience properties, so
-we load the real vocabulary as a plain transformers `Qwen2Tokenizer` and resolve the special ids by name with
-`MiniCPMOSpecialTokens`.
+`MiniCPMOTokenizerFast` carries the official class name, so the official `tokenizer_config.json`
+(`"tokenizer_class": "MiniCPMOTokenizerFast"` with an `auto_map` to remote code) loads with this class as it is:
+it is transformers' fast `Qwen2Tokenizer` plus the official `bad_token_ids`. Loading goes through the class itself,
+never through `AutoTokenizer`, so the folder's `auto_map` is not consulted and no remote code is asked for.
+Special ids are resolved by name with `MiniCPMOSpecialTokens`.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import json
 import os
 from dataclasses import dataclass, fields
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase, Qwen2Tokenizer
 
 
 TOKENIZER_FILES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tokenizer_files")
@@ -22,11 +24,26 @@ class MissingSpecialTokenError(ValueError):
     """The tokenizer lacks one of the MiniCPM-o special tokens (it is not the MiniCPM-o vocabulary)."""
 
 
-def load_minicpmo_tokenizer(path: str | os.PathLike | None = None, **kwargs) -> PreTrainedTokenizerBase:
+class MiniCPMOTokenizerFast(Qwen2Tokenizer):
+    """The official MiniCPM-o tokenizer class: Qwen2's fast BPE tokenizer plus `bad_token_ids`.
+
+    `bad_token_ids` (6965 ids in the official config) are the ids the duplex loop must never emit.
+    """
+
+    def __init__(self, *args, bad_token_ids: list[int] | None = None, **kwargs):
+        kwargs.pop("auto_map", None)  # points at the official remote code, which this class replaces
+        super().__init__(*args, **kwargs)
+        self.bad_token_ids = [int(token) for token in (bad_token_ids or [])]
+        self.init_kwargs["bad_token_ids"] = list(self.bad_token_ids)
+        self.init_kwargs.pop("auto_map", None)
+
+
+def load_minicpmo_tokenizer(path: str | os.PathLike | None = None, **kwargs) -> MiniCPMOTokenizerFast:
     """Load the fast MiniCPM-o tokenizer; `path=None`, or a local model folder saved without tokenizer files (the
     bundled demo model, which keeps 10 MB out of the repository), uses the files shipped inside this package."""
     folder = TOKENIZER_FILES_DIR if path is None or _lacks_tokenizer_files(path) else os.fspath(path)
-    return AutoTokenizer.from_pretrained(folder, **kwargs)
+    kwargs.pop("trust_remote_code", None)
+    return MiniCPMOTokenizerFast.from_pretrained(folder, **kwargs)
 
 
 def _lacks_tokenizer_files(path: str | os.PathLike) -> bool:
