@@ -15,6 +15,7 @@ from transformers import SiglipVisionConfig, SiglipVisionModel
 
 from minicpmo.modeling.modeling_resampler import MiniCPMOResampler, ResamplerInputError, get_2d_sincos_pos_embed
 from minicpmo.modeling.modeling_vision import (
+    MiniCPMOVisionEmbeddings,
     MiniCPMOVisionTransformer,
     VisionInputError,
     bucketized_position_ids,
@@ -77,10 +78,11 @@ def padded_strips(sizes, extra_patches: int = 0, seed: int = 0):
 
 
 def spec_position_ids(h: int, w: int, side: int) -> torch.Tensor:
-    """The spec formula, written out independently of the module."""
+    """The spec formula, written out independently of the module: the coordinate step is 1/nb in float32, from
+    an integer tensor nb (the official code divides by a patch count read off the mask)."""
     boundaries = torch.arange(1 / side, 1.0, 1 / side)
-    rows = torch.bucketize(torch.arange(0, 1 - 1e-6, 1 / h), boundaries, right=True)
-    cols = torch.bucketize(torch.arange(0, 1 - 1e-6, 1 / w), boundaries, right=True)
+    rows = torch.bucketize(torch.arange(0, 1 - 1e-6, 1 / torch.tensor(h)), boundaries, right=True)
+    cols = torch.bucketize(torch.arange(0, 1 - 1e-6, 1 / torch.tensor(w)), boundaries, right=True)
     return torch.tensor([r * side + c for r in rows.tolist() for c in cols.tolist()])
 
 
@@ -100,6 +102,31 @@ def test_position_ids_follow_spec_bucketize_and_floor_approximation(side):
             # ... and on an edge float32 rounding can only put a coordinate one bucket lower.
             assert set((axis_ids - floor)[~off_edge].tolist()) <= {0, -1}
     assert ids.max() < side * side
+
+
+def test_padded_tile_batch_position_ids_follow_the_float32_step_id_by_id():
+    """25x10 + 49x7 tiles padded into one batch: the float32 1/nb step (spec section 3), not a Python double.
+
+    A double step gives 44 different ids here (rows 5, 10, 20 of nb=25; rows 7, 42 of nb=49)."""
+    embeddings = MiniCPMOVisionEmbeddings(full_vision_config())
+    sizes = torch.tensor([[25, 10], [49, 7]])
+    max_patches = 343
+    ids = embeddings.position_ids(sizes, max_patches)
+    assert ids.shape == (2, max_patches)
+    side = 70
+    boundaries = torch.arange(1 / side, 1.0, 1 / side)
+    double_step_differs = 0
+    for row, (h, w) in enumerate(sizes.tolist()):
+        expected = spec_position_ids(h, w, side)
+        assert ids[row, : h * w].tolist() == expected.tolist()
+        assert not ids[row, h * w :].any()
+        double_rows = torch.bucketize(torch.arange(0, 1 - 1e-6, 1 / h), boundaries, right=True)
+        double_cols = torch.bucketize(torch.arange(0, 1 - 1e-6, 1 / w), boundaries, right=True)
+        double = (double_rows[:, None] * side + double_cols[None, :]).flatten()
+        differs = double != expected
+        double_step_differs += int(differs.sum())
+        assert sorted(set((torch.nonzero(differs).flatten() // w).tolist())) == ([5, 10, 20] if h == 25 else [7, 42])
+    assert double_step_differs == 44
 
 
 def test_position_ids_keep_float32_edge_rounding():

@@ -39,10 +39,13 @@ class MiniCPMOVisionOutput(NamedTuple):
 @lru_cache(maxsize=1024)
 def _bucketized_position_ids_cached(height: int, width: int, num_patches_per_side: int) -> torch.Tensor:
     # Float32 on CPU on purpose: the official ids come from exactly this float32 arithmetic, and the
-    # fractional coordinates of an exact bucket edge (e.g. 1/35 vs 2/70) depend on it.
+    # fractional coordinates of an exact bucket edge (e.g. 1/35 vs 2/70) depend on it. The official step is
+    # `1 / nb` with nb an integer tensor (the patch count read off the mask), i.e. 1/nb rounded to float32;
+    # the boundaries' step is a Python double (the side is a plain int). 44 of the ids of a 25x10 + 49x7 batch
+    # differ between a double and a float32 coordinate step.
     boundaries = torch.arange(1 / num_patches_per_side, 1.0, 1 / num_patches_per_side, dtype=torch.float32)
-    fractional_h = torch.arange(0, 1 - 1e-6, 1 / height, dtype=torch.float32)
-    fractional_w = torch.arange(0, 1 - 1e-6, 1 / width, dtype=torch.float32)
+    fractional_h = torch.arange(0, 1 - 1e-6, 1 / torch.tensor(height), dtype=torch.float32)
+    fractional_w = torch.arange(0, 1 - 1e-6, 1 / torch.tensor(width), dtype=torch.float32)
     bucket_h = torch.bucketize(fractional_h, boundaries, right=True)
     bucket_w = torch.bucketize(fractional_w, boundaries, right=True)
     return (bucket_h[:, None] * num_patches_per_side + bucket_w[None, :]).flatten()
