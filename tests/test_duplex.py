@@ -33,8 +33,9 @@ def test_forced_listen_then_outputs_per_unit():
 def test_speaking_units_stream_audio_and_follow_the_layout():
     model = tiny_model()
     voice = load_voice("en_dlc")
+    # restrict_decision: the first token is <|speak|>, so the units follow the strict training layout.
     session = model.duplex_session(processor(), ref_audio=voice, record=True, **ALWAYS_SPEAK,
-                                   max_speak_tokens_per_unit=6)
+                                   max_speak_tokens_per_unit=6, restrict_decision=True)
     frames = [image(640, 480, seed=k) if k % 2 == 0 else None for k in range(4)]
     outs = [session.step(chunk, frame) for chunk, frame in zip(units(4), frames)]
     assert all(not o.is_listen for o in outs)
@@ -68,12 +69,10 @@ def test_incremental_decision_logits_equal_a_from_scratch_forward():
     with torch.no_grad():
         hidden = model.model.language_model(inputs_embeds=embeds).last_hidden_state
         logits = model.lm_head(hidden)[0]
-    ids = state.sequence_ids
-    # The decision is read at the last input slot of each unit (just before the decision token).
-    decision_positions = []
-    for start, end in unit_spans(ids):
-        parsed = parse_unit(ids[start:end])
-        decision_positions.append(start + 1 + (66 if parsed.has_frame else 0) + parsed.n_audio_slots - 1)
+    # The first token of each unit is read at the unit's last input slot: <unit> [<image> 64 </image>] 10 audio.
+    decision_positions = [start + 1 + (66 if has_frame else 0) + 10 - 1
+                          for (start, _), has_frame in zip(state.unit_spans, [False, True, False])]
+    assert len(decision_positions) == len(state.decision_logits) == 3
     for position, recorded in zip(decision_positions, state.decision_logits):
         torch.testing.assert_close(logits[position], recorded, rtol=1e-4, atol=1e-4)
 

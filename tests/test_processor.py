@@ -104,7 +104,13 @@ CASES = [
         ]}],
         {"omni_mode": True},
         "<|im_start|>user\n<image>./</image><audio>./</audio><image>./</image><audio>./</audio>What happens?"
-        "<|im_end|>\n" + GEN,
+        "<|im_end|>\n" + GEN + "<|tts_bos|>",
+    ),
+    (
+        "audio in, explicitly no tts template",
+        [{"role": "user", "content": [{"type": "audio", "audio": None}, {"type": "text", "text": "Transcribe."}]}],
+        {"use_tts_template": False},
+        "<|im_start|>user\n<audio>./</audio>\nTranscribe.<|im_end|>\n" + GEN,
     ),
     (
         "thinking",
@@ -280,9 +286,13 @@ def test_apply_chat_template_tokenized_with_files(processor, tmp_path):
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True, use_tts_template=True)
     assert prompt.endswith(GEN + "<|tts_bos|>")
     # the direct call accepts the same local files
-    direct = processor(text=prompt, images=[str(image_path)], audio=[tone(1.0), str(audio_path)], return_tensors="pt")
+    direct = processor(text=prompt, images=[str(image_path)], audio=[tone(1.0), str(audio_path)],
+                       ref_audio=tone(1.0), return_tensors="pt")
+    assert set(out) == set(direct)
     for key in out:
-        assert torch.equal(out[key], direct[key])
+        assert torch.equal(torch.as_tensor(out[key]), torch.as_tensor(direct[key]))
+    # The system message's voice is handed through for speech generation (generate(return_audio=True)).
+    np.testing.assert_array_equal(np.asarray(out["ref_audio"]), tone(1.0))
 
 
 def test_apply_chat_template_matches_direct_call(processor):
@@ -318,7 +328,9 @@ def test_video_frames_with_audio_are_interleaved(processor):
     messages = [{"role": "user", "content": [
         {"type": "video", "video": frames, "audio": tone(3.0)}, {"type": "text", "text": "What happens?"}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-    assert prompt == "<|im_start|>user\n" + "<image>./</image><audio>./</audio>" * 3 + "What happens?<|im_end|>\n" + GEN
+    # Official: any audio item ends the generation prompt with <|tts_bos|>, speech generated or not.
+    assert prompt == ("<|im_start|>user\n" + "<image>./</image><audio>./</audio>" * 3 + "What happens?<|im_end|>\n"
+                      + GEN + "<|tts_bos|>")
     out = processor.apply_chat_template(
         messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
         processor_kwargs={"max_slice_nums": 1},

@@ -1,9 +1,23 @@
 """Omni-Flow full duplex: perception and response on one time axis, one 1-s unit at a time (spec §8).
 
 Each unit: encode the newest frame (448-class, 64 tokens) and 1 s of audio with the streaming encoder caches,
-prefill `<unit> [frame] [10 audio slots]` into the persistent LLM KV cache, decide `<|listen|>` or `<|speak|>`,
-generate at most `max_speak_tokens_per_unit` text tokens up to `<|chunk_eos|>`, close with `</unit>`, turn the
-unit's text into exactly 25 speech codes (1 s) and stream them through token2wav.
+prefill `<unit> [frame] [10 audio slots]` into the persistent LLM KV cache, decode at most
+`max_speak_tokens_per_unit` tokens (the first one decides: `<|listen|>` ends the unit as a listen, anything else
+makes it a speaking unit), close with `</unit>`, turn the unit's text into exactly 25 speech codes (1 s) and stream
+them through token2wav.
+
+Decoding rule (spec §8, "Loop j = 0..19"), the same for every token of a unit, the first one included:
+1. one draw from the raw distribution (argmax when greedy); `<|chunk_eos|>` there ends the unit;
+2. otherwise the forbidden ids are masked: `<|tts_pad|>`, the tokenizer's 6965 `bad_token_ids` and `<|chunk_eos|>`
+   (nothing else: layout tokens such as `<unit>` or `<|im_end|>` stay possible, as in the official loop);
+3. logits of tokens among the last `repetition_window` generated ones are divided by `repetition_penalty`;
+4. `<|turn_eos|>` gets the length penalty; 5. temperature / top-k / top-p and a draw (argmax when greedy).
+Terminators: `<|listen|>`, `<|chunk_eos|>`, `<|chunk_tts_eos|>`. The first token of a unit, whatever it is, is fed
+but belongs neither to the unit's text nor to its speech condition (the official keeps hidden states for j >= 1).
+A first token other than `<|listen|>` makes a speaking unit, even a terminator (a unit without text). Later in the
+unit the turn is open, so a `<|listen|>` there is replaced by `<|tts_bos|>` (official rule); a `<|listen|>` as first
+token while a turn is open is a barge-in (the turn ends). `DuplexConfig.restrict_decision` restores the older
+listen/speak-only first token.
 
 `DuplexState` holds everything a session carries between units; `duplex_step(model, runtime, state, audio, frame)`
 advances it by one unit. `DuplexSession` is the push-style wrapper (`step` / `reset` / `close`) a server drives.
@@ -20,6 +34,7 @@ from transformers import DynamicCache
 from ..processing.duplex_layout_minicpmo import DuplexTokens, system_prefix_ids, unit_input_ids
 from ..processing.feature_extraction_minicpmo import validate_waveform
 from ..processing.streaming_mel_minicpmo import StreamingMelProcessor, StreamingMelState
+from ..processing.tokenization_minicpmo import load_bad_token_ids
 from .modeling_cache_window import drop_cache_span
 from .modeling_duplex_audio import DuplexAudioEncoderState, encode_unit
 from .modeling_multimodal_merge import scatter_into_slots
@@ -37,7 +52,13 @@ class DuplexConfig:
 
     max_speak_tokens_per_unit: int = 20
     force_listen_count: int = 3
+    # Added to the <|listen|> logit before a unit's first token is decoded (negative: talk more; +-1e9 forces the
+    # choice). Later tokens of the unit are decoded without it.
     listen_bias: float = 0.0
+    # Opt-in: decide a unit's first token between <|listen|> and <|speak|> only (argmax or sampled over the two),
+    # instead of the official rule that decodes it like every other token. Models trained on the strict
+    # `<|listen|>` / `<|speak|>` layout can use it to never open a unit with another token.
+    restrict_decision: bool = False
     do_sample: bool = False
     temperature: float = 0.7
     top_k: int = 20
@@ -98,7 +119,7 @@ class DuplexState:
     speech_emitted_s: float = 0.0
     sequence_ids: list | None = None  # full token layout, kept only when recording
     fed_embeds: list | None = None  # every embedding fed to the LLM, kept only when recording
-    decision_logits: list | None = None  # logits the listen/speak decision was taken from, when recording
+    decision_logits: list | None = None  # logits each unit's first token was decoded from, when recording
 
 
 @dataclass
@@ -111,8 +132,21 @@ class DuplexRuntime:
     config: DuplexConfig
     voice: object | None
     generator: torch.Generator | None
-    forbidden_ids: list
+    forbidden_ids: torch.Tensor  # ids never decoded (see `decoding_forbidden_ids`), on the model's device
     record: bool = False
+
+
+def decoding_forbidden_ids(tokenizer, tokens: DuplexTokens) -> list[int]:
+    """The official forbidden set of duplex decoding: `<|tts_pad|>`, every `bad_token_ids` id and `<|chunk_eos|>`.
+
+    `bad_token_ids` come from the tokenizer itself when it carries them (its `bad_token_ids` attribute, or the
+    tokenizer_config.json entry kept in `init_kwargs`), else from the bundled official tokenizer files (the ids are
+    those of the one MiniCPM-o vocabulary, which `DuplexTokens.from_tokenizer` has checked).
+    """
+    bad = getattr(tokenizer, "bad_token_ids", None) or getattr(tokenizer, "init_kwargs", {}).get("bad_token_ids")
+    if not bad:
+        bad = load_bad_token_ids()
+    return sorted({int(token) for token in bad} | {tokens.tts_pad, tokens.chunk_eos})
 
 
 def _embed_unit(model, runtime: DuplexRuntime, state: DuplexState, audio, frame, timings) -> tuple:
@@ -161,33 +195,47 @@ def _feed(model, state: DuplexState, input_ids=None, inputs_embeds=None):
     return hidden, model.lm_head(hidden)
 
 
-def _choose_token(runtime: DuplexRuntime, logits: torch.Tensor, generated: list, decision: bool) -> int:
-    """Listen/speak decision (restricted to the two) or the next text token (official penalties)."""
-    cfg, tok = runtime.config, runtime.tokens
-    scores = logits.float().clone()
-    if decision:
-        choice = torch.full_like(scores, float("-inf"))
-        choice[tok.listen] = scores[tok.listen] + cfg.listen_bias
-        choice[tok.speak] = scores[tok.speak]
-        scores = choice
-    else:
-        # Official order: one draw from the raw distribution may end the unit; otherwise <|chunk_eos|> (part of
-        # forbidden_ids) is masked and the penalised, warped distribution picks a text token.
-        raw = int(scores.argmax()) if not cfg.do_sample else int(
-            torch.multinomial(scores.softmax(-1), 1, generator=runtime.generator))
-        if raw == tok.chunk_eos:
-            return raw
-        scores[runtime.forbidden_ids] = float("-inf")
-        recent = sorted(set(generated[-cfg.repetition_window:]))
-        if recent and cfg.repetition_penalty != 1.0:
-            scores[recent] = scores[recent] / cfg.repetition_penalty  # official: a plain divide
-        eos = scores[tok.turn_eos]
-        scores[tok.turn_eos] = eos / cfg.length_penalty if eos > 0 else eos * cfg.length_penalty
+def _draw(runtime: DuplexRuntime, scores: torch.Tensor, warp: bool) -> int:
+    """Argmax when greedy; otherwise a multinomial draw (after temperature / top-k / top-p when `warp`)."""
+    cfg = runtime.config
     if not cfg.do_sample:
         return int(scores.argmax())
-    warpers = text_logits_processors(True, cfg.temperature, cfg.top_p, cfg.top_k)
-    scores = warpers(torch.empty(1, 0, dtype=torch.long), scores[None])[0]
+    if warp:
+        scores = text_logits_processors(True, cfg.temperature, cfg.top_p, cfg.top_k)(
+            torch.empty(1, 0, dtype=torch.long), scores[None])[0]
     return int(torch.multinomial(scores.softmax(-1), 1, generator=runtime.generator))
+
+
+def _choose_token(runtime: DuplexRuntime, logits: torch.Tensor, generated: list, listen_bias: float = 0.0) -> int:
+    """One token of a unit by the official rule (module docstring); `listen_bias` is added to <|listen|> first."""
+    cfg, tok = runtime.config, runtime.tokens
+    scores = logits.float().clone()
+    if listen_bias:
+        scores[tok.listen] += listen_bias
+    # 1. One draw from the raw distribution (no temperature) may end the unit.
+    raw = _draw(runtime, scores, warp=False)
+    if raw == tok.chunk_eos:
+        return raw
+    # 2. Forbidden ids (<|chunk_eos|> among them) can no longer be drawn.
+    scores[runtime.forbidden_ids.to(scores.device)] = float("-inf")
+    # 3. Repetition penalty over the recent window: a plain divide, whatever the sign (official).
+    recent = sorted(set(generated[-cfg.repetition_window:]))
+    if recent and cfg.repetition_penalty != 1.0:
+        scores[recent] = scores[recent] / cfg.repetition_penalty
+    # 4. Length penalty on <|turn_eos|>: divide a positive logit, multiply a negative one.
+    eos = scores[tok.turn_eos]
+    scores[tok.turn_eos] = eos / cfg.length_penalty if eos > 0 else eos * cfg.length_penalty
+    # 5. Temperature, top-k, top-p and the draw.
+    return _draw(runtime, scores, warp=True)
+
+
+def _choose_decision(runtime: DuplexRuntime, logits: torch.Tensor) -> int:
+    """Opt-in (`restrict_decision`): the unit's first token is <|listen|> or <|speak|>, nothing else."""
+    cfg, tok = runtime.config, runtime.tokens
+    scores = torch.full_like(logits, float("-inf"), dtype=torch.float32)
+    scores[tok.listen] = logits[tok.listen].float() + cfg.listen_bias
+    scores[tok.speak] = logits[tok.speak].float()
+    return _draw(runtime, scores, warp=True)
 
 
 def _speak_budget(runtime: DuplexRuntime, state: DuplexState, now_s: float) -> int:
@@ -244,22 +292,30 @@ def duplex_step(model, runtime: DuplexRuntime, state: DuplexState, audio, frame=
 
     started = time.perf_counter()
     budget = _speak_budget(runtime, state, time_s)
-    forced_listen = unit_index < cfg.force_listen_count
-    decision = tok.listen if forced_listen else _choose_token(runtime, logits, state.generated, decision=True)
-    generated = [decision]
+    if unit_index < cfg.force_listen_count:
+        first = tok.listen
+    elif cfg.restrict_decision:
+        first = _choose_decision(runtime, logits)
+    else:
+        first = _choose_token(runtime, logits, state.generated, listen_bias=cfg.listen_bias)
+    generated = [first]
     text_ids, text_hidden = [], []
     end_of_turn = False
-    if decision == tok.speak:
-        hidden, logits = _feed(model, state, input_ids=torch.tensor([[decision]], device=model.device))
+    if first not in tok.unit_terminators:
+        # The first token is fed but is neither unit text nor speech condition (official: hidden states j >= 1).
+        hidden, logits = _feed(model, state, input_ids=torch.tensor([[first]], device=model.device))
+        end_of_turn = first == tok.turn_eos
         while True:
             if end_of_turn or len(generated) >= budget - 1:
                 token = tok.chunk_eos
             else:
-                token = _choose_token(runtime, logits, state.generated + generated, decision=False)
+                token = _choose_token(runtime, logits, state.generated + generated)
+                if token == tok.listen:  # the turn is open inside a speaking unit (official rule)
+                    token = tok.tts_bos
             generated.append(token)
-            if token == tok.chunk_eos:
+            if token in tok.unit_terminators:
                 break
-            end_of_turn = end_of_turn or token == tok.turn_eos
+            end_of_turn = token == tok.turn_eos
             hidden, logits = _feed(model, state, input_ids=torch.tensor([[token]], device=model.device))
             text_ids.append(token)
             text_hidden.append(hidden)
@@ -271,7 +327,7 @@ def duplex_step(model, runtime: DuplexRuntime, state: DuplexState, audio, frame=
         state.sequence_ids.extend(generated[:-1] + closing)
     state.unit_spans.append([unit_start, state.next_position - unit_start])
 
-    is_listen = decision == tok.listen
+    is_listen = first == tok.listen
     interrupted = is_listen and state.in_turn
     audio_out = None
     if is_listen:
@@ -360,8 +416,8 @@ class DuplexSession:
         if self.config.generate_audio and getattr(model, "tts", None) is not None and self.ref_audio is not None:
             voice = model.prepare_voice(self.ref_audio)
         tokens = DuplexTokens.from_tokenizer(processor.tokenizer)
-        # Text may end a unit (<|chunk_eos|>) or a turn (<|turn_eos|>); no other structural token may appear in it.
-        forbidden = sorted((tokens.layout_ids | {tokens.tts_pad}) - {tokens.turn_eos})
+        forbidden = torch.tensor(decoding_forbidden_ids(processor.tokenizer, tokens), dtype=torch.long,
+                                 device=model.device)
         self.runtime = DuplexRuntime(
             processor=processor, tokens=tokens, mel=StreamingMelProcessor(), config=self.config, voice=voice,
             generator=None, forbidden_ids=forbidden, record=record,

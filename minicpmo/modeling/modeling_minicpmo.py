@@ -334,6 +334,7 @@ class MiniCPMOForConditionalGeneration(
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        kwargs.pop("ref_audio", None)  # the processor's voice prompt: read by generate(return_audio=True) only
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -361,8 +362,14 @@ class MiniCPMOForConditionalGeneration(
             attentions=outputs.attentions,
         )
 
-    def prepare_inputs_for_generation(self, *args, is_first_iteration: bool = False, **kwargs):
-        model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+    def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, cache=None, attention_mask=None,
+                                      inputs_embeds=None, is_first_iteration: bool = False, **kwargs):
+        # `inputs_embeds` is named so that generate() accepts embeddings without input ids (the official chat path
+        # generates from embeddings): they feed the prefill, later steps feed the new tokens.
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids, next_sequence_length=next_sequence_length, cache=cache, attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs,
+        )
         # Encoder inputs are consumed by the prefill; decode steps only see new text tokens.
         if not is_first_iteration and kwargs.get("use_cache", True):
             model_inputs.pop("tgt_sizes", None)

@@ -118,6 +118,11 @@ class MiniCPMOSpeechOutputMixin:
     # --- generate(return_audio=True) ---------------------------------------------------------------------------
     def generate(self, *args, return_audio: bool = False, ref_audio=None, voice=None, speech_sampling=None,
                  n_timesteps: int | None = None, **kwargs):
+        """transformers' `generate`; with `return_audio=True` also the speech codes and 24 kHz waveform per sample.
+
+        The voice is `voice`, else `ref_audio`: passed here, or handed through by the processor from the audio item
+        of the system message (`**inputs` then carries it).
+        """
         if not return_audio:
             return super().generate(*args, **kwargs)
         self._require_speech()
@@ -127,18 +132,44 @@ class MiniCPMOSpeechOutputMixin:
         inputs = dict(kwargs)
         if args:
             inputs["input_ids"] = args[0]
+        if inputs.get("input_ids") is None:  # generated from inputs_embeds: the output holds new tokens only
+            return self._speech_from_embeddings(sequences, inputs, voice, speech_sampling, n_timesteps)
         prompt_length = inputs["input_ids"].shape[1]
         hidden = self._hidden_states_of(sequences, prompt_length, inputs)
         output = MiniCPMOGenerateOutput(sequences=sequences)
         for row in range(sequences.shape[0]):
             start, end = spoken_span(sequences[row].tolist(), prompt_length)
-            if end <= start:
-                codes = torch.zeros(0, dtype=torch.long)
-            else:
-                codes = self.tts.generate_codes(sequences[row, start:end], hidden[row, start:end], speech_sampling)
-            output.speech_codes.append(codes.cpu())
-            output.waveforms.append(self.token2wav.synthesize(codes, voice, n_timesteps=n_timesteps).cpu())
+            self._append_speech(output, sequences[row, start:max(start, end)], hidden[row, start:max(start, end)],
+                                voice, speech_sampling, n_timesteps)
         return output
+
+    @torch.no_grad()
+    def _speech_from_embeddings(self, new_tokens, inputs, voice, speech_sampling, n_timesteps):
+        """Speech for a generation that started from `inputs_embeds`: the prompt stays embeddings, the new tokens
+        are embedded and re-read with it to get their hidden states."""
+        prompt = inputs["inputs_embeds"]
+        prompt_mask = inputs.get("attention_mask")
+        if prompt_mask is None:
+            prompt_mask = torch.ones(prompt.shape[:2], dtype=torch.long, device=prompt.device)
+        embeds = torch.cat([prompt, self.get_input_embeddings()(new_tokens).to(prompt.dtype)], dim=1)
+        mask = torch.cat([prompt_mask, torch.ones_like(new_tokens)], dim=1)
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        hidden = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                            use_cache=False).last_hidden_state[:, prompt.shape[1]:]
+        output = MiniCPMOGenerateOutput(sequences=new_tokens)
+        for row in range(new_tokens.shape[0]):
+            start, end = spoken_span(new_tokens[row].tolist(), 0)
+            self._append_speech(output, new_tokens[row, start:end], hidden[row, start:end], voice, speech_sampling,
+                                n_timesteps)
+        return output
+
+    def _append_speech(self, output, text_ids, text_hidden, voice, speech_sampling, n_timesteps) -> None:
+        if text_ids.numel() == 0:
+            codes = torch.zeros(0, dtype=torch.long)
+        else:
+            codes = self.tts.generate_codes(text_ids, text_hidden, speech_sampling)
+        output.speech_codes.append(codes.cpu())
+        output.waveforms.append(self.token2wav.synthesize(codes, voice, n_timesteps=n_timesteps).cpu())
 
     @torch.no_grad()
     def _hidden_states_of(self, sequences: torch.LongTensor, prompt_length: int, inputs: dict) -> torch.Tensor:
@@ -159,16 +190,28 @@ class MiniCPMOSpeechOutputMixin:
              top_p: float = 0.8, top_k: int = 100, repetition_penalty: float = 1.02, enable_thinking: bool = False,
              max_slice_nums: int | None = None, speech_sampling: SpeechSamplingConfig | None = None,
              n_timesteps: int | None = None, text_chunk_tokens: int = 10, max_codes_per_chunk: int = 500,
-             seed: int | None = None):
-        """Turn-based chat. Returns the text, (text, waveform) with generate_audio, or an iterator of ChatChunk."""
+             seed: int | None = None, omni_mode: bool | None = None, use_tts_template: bool | None = None):
+        """Turn-based chat. Returns the text, (text, waveform) with generate_audio, or an iterator of ChatChunk.
+
+        The prompt is the official chat() prompt: `<|tts_bos|>` ends it whenever the messages hold audio (or speech
+        is generated), unless `use_tts_template` says otherwise; `omni_mode` joins a message's items with "" instead
+        of "\n" (on by default for video). The repetition penalty sees generated tokens only, as the official
+        generation from embeddings does.
+        """
         voice = None
         if generate_audio:
             voice = self.prepare_voice(ref_audio if ref_audio is not None else find_reference_audio(msgs))
         template_kwargs = dict(add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
-                               enable_thinking=enable_thinking, use_tts_template=generate_audio)
+                               enable_thinking=enable_thinking)
+        if use_tts_template is not None or generate_audio:
+            template_kwargs["use_tts_template"] = bool(use_tts_template if use_tts_template is not None else True)
+        if omni_mode is not None:
+            template_kwargs["omni_mode"] = bool(omni_mode)
         if max_slice_nums is not None:
             template_kwargs["max_slice_nums"] = max_slice_nums
-        inputs = processor.apply_chat_template(msgs, **template_kwargs).to(self.device)
+        inputs = processor.apply_chat_template(msgs, **template_kwargs)
+        inputs.pop("ref_audio", None)
+        inputs = inputs.to(self.device)
         chunks = self._stream_chat(
             inputs, processor.tokenizer, voice, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
             do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
@@ -196,8 +239,8 @@ class MiniCPMOSpeechOutputMixin:
         cache = DynamicCache(config=self.config)
         out = self(**inputs, cache=cache, use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1]
-        history = inputs["input_ids"]
-        next_position = int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else history.shape[1]
+        history = inputs["input_ids"][:, :0]  # the penalty sees generated tokens only, never the prompt
+        next_position = int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else inputs["input_ids"].shape[1]
         generated: list[int] = []
         chunk_ids: list[int] = []
         chunk_hidden: list[torch.Tensor] = []

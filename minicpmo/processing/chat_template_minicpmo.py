@@ -181,16 +181,30 @@ def _split_reasoning(message: dict, text: str) -> tuple[str, str]:
     return "", text
 
 
+def messages_have_audio(messages: list[dict]) -> bool:
+    """True when any message holds an audio item: the official chat() then ends the prompt with <|tts_bos|>."""
+    return any(
+        isinstance(item, dict) and item.get("type") == "audio"
+        for message in messages if isinstance(message.get("content"), (list, tuple))
+        for item in message["content"]
+    )
+
+
 def render_chat_prompt(
     messages: list[dict],
     add_generation_prompt: bool = False,
     enable_thinking: bool = False,
-    use_tts_template: bool = False,
+    use_tts_template: bool | None = None,
     omni_mode: bool = False,
 ) -> str:
-    """The official MiniCPM-o prompt string for `messages` (before placeholder expansion), without Jinja."""
+    """The official MiniCPM-o prompt string for `messages` (before placeholder expansion), without Jinja.
+
+    `use_tts_template=None` follows the official chat(): on when any message holds an audio item.
+    """
     if not messages:
         raise ValueError("messages is empty")
+    if use_tts_template is None:
+        use_tts_template = messages_have_audio(messages)
     texts = [render_content(message.get("content"), omni_mode) for message in messages]
     out = []
     if messages[0]["role"] == "system":

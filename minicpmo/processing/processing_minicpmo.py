@@ -23,6 +23,7 @@ from .chat_template_minicpmo import (
     IMAGE_PATTERN,
     SUPPORTED_CONTENT_TYPES,
     UnsupportedContentTypeError,
+    messages_have_audio,
 )
 from .feature_extraction_minicpmo import MiniCPMOFeatureExtractor, UnsupportedSamplingRateError, validate_waveform
 from .image_processing_minicpmo import MiniCPMOImageProcessor
@@ -162,12 +163,15 @@ class MiniCPMOProcessor(ProcessorMixin):
         max_length: int | None = None,
         padding_side: str = "left",
         add_special_tokens: bool = False,
+        ref_audio: Any = None,
         **kwargs,
     ) -> BatchFeature:
         """Expand the media patterns of `text`, tokenize, left-pad and stack pixels and audio features.
 
         `images` / `audio`: one list per sample or a flat list in order of appearance. Images: PIL, arrays or
-        local paths; audio: 16 kHz mono arrays or local audio files (resampled on load).
+        local paths; audio: 16 kHz mono arrays or local audio files (resampled on load). `ref_audio`: the voice to
+        speak with (16 kHz mono), handed through as the `ref_audio` output for `generate(..., return_audio=True)`;
+        apply_chat_template passes the audio of the system message here.
         """
         for group in _FORWARDED_KWARG_GROUPS:  # nested kwargs that ProcessorMixin.apply_chat_template may pass
             for key, value in (kwargs.pop(group, None) or {}).items():
@@ -233,6 +237,9 @@ class MiniCPMOProcessor(ProcessorMixin):
             )
 
         data: dict[str, Any] = {}
+        if ref_audio is not None:
+            data["ref_audio"] = validate_waveform(load_audio(ref_audio) if isinstance(ref_audio, (str, os.PathLike))
+                                                  else ref_audio, name="ref_audio")
         if waveforms:
             features = self.feature_extractor(waveforms)
             data["input_features"] = features["input_features"]
@@ -321,6 +328,8 @@ class MiniCPMOProcessor(ProcessorMixin):
             expanded.append(messages)
         if any_video and "omni_mode" not in kwargs:
             kwargs["omni_mode"] = True
+        if "use_tts_template" not in kwargs and any(messages_have_audio(messages) for messages in expanded):
+            kwargs["use_tts_template"] = True  # official chat(): any audio in the messages ends the prompt in tts_bos
         return super().apply_chat_template(expanded if is_batched else expanded[0], chat_template, **kwargs)
 
     @staticmethod
@@ -343,10 +352,14 @@ class MiniCPMOProcessor(ProcessorMixin):
                 )
 
     def _multimodal_inputs_from_conversations(self, conversations, audio_loading_params, load_audio_from_video=False):
-        """Load images (PIL or local path) and audio (16 kHz array or local file) in order of appearance."""
-        batch_images, batch_videos, batch_audios = [], [], []
+        """Load images (PIL or local path) and audio (16 kHz array or local file) in order of appearance.
+
+        The first audio item of the system message is the reference voice: it is handed to `__call__` as
+        `ref_audio` (for a batch, only when every conversation carries the same voice).
+        """
+        batch_images, batch_videos, batch_audios, voices = [], [], [], []
         for messages in conversations:
-            images = []
+            images, voice = [], None
             for message in messages:
                 content = message.get("content")
                 if content is None or isinstance(content, str):
@@ -362,8 +375,12 @@ class MiniCPMOProcessor(ProcessorMixin):
                         images.append(load_image(source))
                     elif item_type == "audio":
                         batch_audios.append(load_audio(source, item.get("sampling_rate")))
+                        if voice is None and message.get("role") == "system":
+                            voice = batch_audios[-1]
                     else:
                         raise UnsupportedContentTypeError(f"unsupported content type {item_type!r}")
             batch_images.append(images)
             batch_videos.append([])
-        return batch_images, batch_videos, batch_audios, {}
+            voices.append(voice)
+        same_voice = all(v is not None and np.array_equal(np.asarray(v), np.asarray(voices[0])) for v in voices)
+        return batch_images, batch_videos, batch_audios, ({"ref_audio": voices[0]} if voices and same_voice else {})
