@@ -429,3 +429,72 @@ def test_duplex_unit_matches_recomputation_and_discards_26th_sample(decoder):
         scores = warp_code_logits(logits[start + offset], torch.tensor(history, dtype=torch.long), sampling, EOS, True)
         assert int(scores.argmax()) == code
         history.append(code)
+
+
+# --- official step-0 rule (spec 6, turn-based) ---------------------------------------------------------------
+OFFICIAL_CODES = 6561  # S3 codes; EOS is 6561, the head has 6562 rows
+
+
+def official_step_probs(raw: torch.Tensor, history: list[int], step: int) -> torch.Tensor:
+    """The spec's turn-based sampling rule, written out independently of warp_code_logits.
+
+    Step 0: softmax(logits / 0.8) with EOS masked. From step 1: the 1.05**count penalty over the last 16 codes,
+    top-p 0.85 then top-k 25 (each keeps >= 3), EOS masked (fewer than 50 codes so far).
+    """
+    scores = raw.double() / 0.8
+    if step > 0:
+        for code in set(history[-16:]):
+            factor = 1.05 ** history[-16:].count(code)
+            scores[code] = scores[code] * factor if scores[code] < 0 else scores[code] / factor
+        order = torch.argsort(scores, descending=True)
+        sorted_probs = torch.softmax(scores[order], dim=0)
+        mass_before = torch.cumsum(sorted_probs, dim=0) - sorted_probs
+        keep = order[: max(3, int((mass_before < 0.85).sum()))]
+        keep = keep[: max(3, 25)]
+        kept = torch.full_like(scores, -math.inf)
+        kept[keep] = scores[keep]
+        scores = kept
+    scores[OFFICIAL_CODES] = -math.inf
+    return torch.softmax(scores, dim=0)
+
+
+@torch.no_grad()
+def test_turn_first_code_uses_temperature_and_eos_mask_only(monkeypatch):
+    """Step 0 after audio_bos: every one of the 6561 codes can be drawn; step 1 is penalised and top-p/top-k cut."""
+    import minicpmo.modeling.modeling_speech_decoder as speech_decoder_module
+
+    torch.manual_seed(3)
+    model = MiniCPMOSpeechDecoder(tiny_config(num_audio_tokens=OFFICIAL_CODES + 1)).eval()
+    with torch.no_grad():
+        model.head_code[0].parametrizations.weight.original0.fill_(4.0)
+    raw_logits, drawn_from = [], []
+    model.head_code[0].register_forward_hook(lambda module, inputs, output: raw_logits.append(output[0].clone()))
+    original_pick = speech_decoder_module.pick_code
+
+    def recording_pick(scores, sampling, generator):
+        drawn_from.append(scores.clone())
+        return original_pick(scores, sampling, generator)
+
+    monkeypatch.setattr(speech_decoder_module, "pick_code", recording_pick)
+    ids, hidden = text_and_hidden(4, seed=5)
+    codes = model.generate_codes(ids, hidden, SpeechSamplingConfig(seed=1, max_new_codes=2)).tolist()
+    assert len(codes) == 2 and len(drawn_from) == 2
+
+    step0 = torch.softmax(drawn_from[0].double(), dim=0)
+    assert (step0[:OFFICIAL_CODES] > 0).all() and step0[OFFICIAL_CODES] == 0
+    torch.testing.assert_close(step0, official_step_probs(raw_logits[0], [], step=0), atol=1e-7, rtol=1e-5)
+
+    step1 = torch.softmax(drawn_from[1].double(), dim=0)
+    expected1 = official_step_probs(raw_logits[1], codes[:1], step=1)
+    assert 3 <= int((expected1 > 0).sum()) <= 25
+    assert torch.equal(step1 > 0, expected1 > 0)
+    torch.testing.assert_close(step1, expected1, atol=1e-6, rtol=1e-4)
+
+
+def test_first_code_flag_on_hand_made_logits():
+    logits = torch.tensor([3.0, -1.0, 2.0, 0.5, 1.0])
+    history = torch.tensor([0, 0])
+    first = warp_code_logits(logits, history, SpeechSamplingConfig(top_k=1), eos_code=4, mask_eos=True, first_code=True)
+    torch.testing.assert_close(first, torch.tensor([3.0, -1.0, 2.0, 0.5, -math.inf]) / 0.8)
+    later = warp_code_logits(logits, history, SpeechSamplingConfig(top_k=1), eos_code=4, mask_eos=True)
+    assert torch.isfinite(later).sum() == 3 - 1  # top-k keeps 3 (0, 2, 4), EOS then masked

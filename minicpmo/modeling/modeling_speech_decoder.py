@@ -12,7 +12,8 @@ Training (teacher forcing) runs the same sequences in one causal pass: `speech_l
 `duplex_speech_loss` for a duplex turn made of units, both on top of `teacher_forced_forward` (padded batches).
 
 Sampling follows the official order: temperature, repetition penalty over a window of recent codes, top-p then
-top-k (each keeps at least 3 candidates), EOS masked until a minimum number of codes, multinomial.
+top-k (each keeps at least 3 candidates), EOS masked until a minimum number of codes, multinomial. The first
+code of a turn (step 0) sees the temperature and the EOS mask only.
 """
 
 from dataclasses import dataclass, field, replace
@@ -162,9 +163,16 @@ def warp_code_logits(
     sampling: SpeechSamplingConfig,
     eos_code: int,
     mask_eos: bool,
+    first_code: bool = False,
 ) -> torch.Tensor:
-    """Temperature -> repetition penalty -> top-p -> top-k -> EOS mask, on logits [V] of one sequence."""
+    """Temperature -> repetition penalty -> top-p -> top-k -> EOS mask, on logits [V] of one sequence.
+
+    The official decoder draws the first code of a turn (step 0, right after audio_bos) from the temperature-
+    scaled distribution with only the EOS mask: `first_code=True` skips the penalty and both warpers.
+    """
     scores = logits.float() / sampling.temperature
+    if first_code:
+        return _mask_eos(scores, eos_code) if mask_eos else scores
     scores = apply_repetition_penalty(scores, history, sampling.repetition_penalty, sampling.repetition_window)
     scores = scores.unsqueeze(0)
     if sampling.top_p < 1.0:
@@ -172,9 +180,12 @@ def warp_code_logits(
     if sampling.top_k > 0:
         scores = TopKLogitsWarper(sampling.top_k, min_tokens_to_keep=MIN_CODES_TO_KEEP)(None, scores)
     scores = scores.squeeze(0)
-    if mask_eos:
-        scores = scores.clone()
-        scores[eos_code] = -float("inf")
+    return _mask_eos(scores, eos_code) if mask_eos else scores
+
+
+def _mask_eos(scores: torch.Tensor, eos_code: int) -> torch.Tensor:
+    scores = scores.clone()
+    scores[eos_code] = -float("inf")
     return scores
 
 
@@ -362,7 +373,9 @@ class MiniCPMOSpeechDecoder(nn.Module):
         while True:
             seen = history + new
             seen_tensor = torch.tensor(seen, dtype=torch.long, device=logits.device)
-            scores = warp_code_logits(logits, seen_tensor, sampling, self.eos_code, mask_eos=len(seen) < min_codes)
+            scores = warp_code_logits(
+                logits, seen_tensor, sampling, self.eos_code, mask_eos=len(seen) < min_codes, first_code=not seen
+            )
             code = pick_code(scores, sampling, state.generator)
             if code == self.eos_code:
                 return new, True
