@@ -1,4 +1,8 @@
-"""The official checkpoint layout loads with no missing/unexpected keys and is written back unchanged."""
+"""The official checkpoint layout loads with no missing/unexpected keys and is written back unchanged.
+
+The full-size check goes through `save_pretrained` itself (with the safetensors writer captured), so it sees the names,
+shapes and dtypes that would be written to disk, the official float32 buffers included.
+"""
 
 import json
 import re
@@ -6,6 +10,7 @@ from collections import Counter
 
 import pytest
 import torch
+import transformers.modeling_utils
 from safetensors.torch import load_file, save_file
 
 from minicpmo import MiniCPMOForConditionalGeneration, official_config, tiny_config
@@ -30,28 +35,35 @@ def to_official_name(name: str) -> str:
     return name
 
 
-def official_rows(shared_dir, prefixes=OFFICIAL_PREFIXES):
-    rows = {}
-    for line in (shared_dir / "reference" / "official_state_dict.tsv").read_text().splitlines():
-        name, shape, _dtype = line.split("\t")
-        if name.startswith(prefixes) and not name.endswith(("rotary_emb.inv_freq", "pos_embed")):
-            rows[name] = tuple(json.loads(shape))
-    return rows
-
-
 @pytest.fixture(scope="module")
 def full_model_on_meta():
     with torch.device("meta"):
-        return MiniCPMOForConditionalGeneration(official_config())
+        model = MiniCPMOForConditionalGeneration(official_config())
+    return model.to(torch.bfloat16)  # the official checkpoint's dtype
 
 
-def test_full_size_names_and_shapes_equal_official(full_model_on_meta, shared_dir):
-    ours = {to_official_name(n): tuple(p.shape) for n, p in full_model_on_meta.named_parameters()
-            if not n.startswith("token2wav.")}
-    expected = official_rows(shared_dir)
-    assert set(ours) == set(expected), (sorted(set(ours) - set(expected))[:5], sorted(set(expected) - set(ours))[:5])
-    assert ours == expected
-    assert Counter(ours.values()) == Counter(expected.values())
+def official_tsv(shared_dir) -> dict:
+    lines = (shared_dir / "reference" / "official_state_dict.tsv").read_text().splitlines()
+    rows = (line.split("\t") for line in lines)
+    return {name: (tuple(json.loads(shape)), dtype) for name, shape, dtype in rows}
+
+
+def test_full_size_save_writes_exactly_the_official_keys_shapes_and_dtypes(
+    full_model_on_meta, shared_dir, tmp_path, monkeypatch
+):
+    written = {}
+
+    def capture(shard, filename, metadata=None):
+        written.update({k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in shard.items()})
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", capture)
+    monkeypatch.setattr(full_model_on_meta, "save_token2wav", lambda directory: None)  # meta tensors; not official
+    full_model_on_meta.save_pretrained(tmp_path)
+    expected = official_tsv(shared_dir)
+    assert set(written) == set(expected), (sorted(set(written) - set(expected))[:5],
+                                           sorted(set(expected) - set(written))[:5])
+    assert {k: v for k, v in written.items() if v != expected[k]} == {}
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["MiniCPMO"]
 
 
 def test_full_size_parameter_counts(full_model_on_meta):
@@ -66,8 +78,11 @@ def test_full_size_parameter_counts(full_model_on_meta):
 def test_official_checkpoint_loads_and_saves_official_names(tmp_path):
     torch.manual_seed(0)
     model = MiniCPMOForConditionalGeneration(tiny_config()).eval()
-    official_state = {to_official_name(k): v.contiguous() for k, v in model.state_dict().items()
+    # As the official checkpoint stores them: weights plus the float32 rotary and resampler tables.
+    official_state = {to_official_name(k): v.contiguous() for k, v in model.checkpoint_state_dict().items()
                       if not k.startswith("token2wav.")}
+    buffers = {"resampler.pos_embed", "llm.model.rotary_emb.inv_freq", "tts.model.rotary_emb.inv_freq"}
+    assert buffers <= official_state.keys()
     assert all(k.startswith(OFFICIAL_PREFIXES) for k in official_state)
     source = tmp_path / "official"
     source.mkdir()

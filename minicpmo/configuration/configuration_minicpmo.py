@@ -3,13 +3,19 @@
 The layout is the official one: the top level holds the Qwen3 LLM keys, and the towers have their own
 sub-configs (`vision_config`, `audio_config`, `tts_config`, `slice_config`). A config.json written by
 the official code loads here, and the one we save is readable by the official code (it still carries
-`rope_theta`, which transformers 5 otherwise folds into `rope_parameters`).
+`rope_theta`, which transformers 5 otherwise folds into `rope_parameters`). Saved configs also carry the official
+`"architectures": ["MiniCPMO"]` and `torch_dtype`, the fields serving engines route on.
 """
 
 from typing import ClassVar
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig, Qwen3Config, SiglipVisionConfig, WhisperConfig
+
+# The official checkpoint's `architectures` entry (the name of the official remote-code class). Engines that serve
+# MiniCPM-o 4.5 route on it; transformers would write our class name instead.
+OFFICIAL_ARCHITECTURE = "MiniCPMO"
+_OUR_ARCHITECTURE = "MiniCPMOForConditionalGeneration"
 
 
 class MiniCPMOConfigError(ValueError):
@@ -98,6 +104,8 @@ class MiniCPMTTSConfig(PreTrainedConfig):
     backbone_vocab_size: int = 32000
     s3_stream_n_timesteps: int = 10
     s3_stream_prelook_size: int = 3
+    # In the official config.json though not read by the official class; kept so saved configs carry it.
+    streaming_sliding_window_text_window_size: int = 50
 
     attribute_map: ClassVar[dict[str, str]] = {"llm_hidden_size": "llm_dim"}
 
@@ -207,6 +215,18 @@ class MiniCPMOConfig(Qwen3Config):
         if "rope_theta" in rope:
             output["rope_theta"] = rope["rope_theta"]
         output.setdefault("rope_scaling", None)
+        # What the official (transformers 4.x written) config.json holds and engines read.
+        architectures = output.get("architectures")
+        if not architectures or list(architectures) == [_OUR_ARCHITECTURE]:
+            output["architectures"] = [OFFICIAL_ARCHITECTURE]
+        return output
+
+    def to_diff_dict(self):
+        output = super().to_diff_dict()
+        # The official config.json names the dtype `torch_dtype` (transformers 4.x); transformers 5 reads either.
+        # Added here, not in to_dict, whose keys the diff reads back with getattr (deprecated `torch_dtype` property).
+        if output.get("dtype") is not None:
+            output["torch_dtype"] = output["dtype"]
         return output
 
 
@@ -221,4 +241,10 @@ def _default_vision_config() -> SiglipVisionConfig:
     )
 
 
-__all__ = ["MiniCPMOConfig", "MiniCPMOConfigError", "MiniCPMTTSConfig", "MiniCPMVSliceConfig"]
+__all__ = [
+    "OFFICIAL_ARCHITECTURE",
+    "MiniCPMOConfig",
+    "MiniCPMOConfigError",
+    "MiniCPMTTSConfig",
+    "MiniCPMVSliceConfig",
+]

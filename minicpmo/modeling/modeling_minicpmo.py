@@ -17,6 +17,7 @@ from transformers import initialization as init
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import WeightRenaming
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from ..configuration.configuration_minicpmo import MiniCPMOConfig
 from .modeling_audio import (
@@ -27,7 +28,7 @@ from .modeling_audio import (
 )
 from .modeling_duplex import MiniCPMODuplexMixin
 from .modeling_multimodal_merge import scatter_into_slots, span_slot_mask
-from .modeling_resampler import MiniCPMOResampler
+from .modeling_resampler import MiniCPMOResampler, get_2d_sincos_pos_embed
 from .modeling_speech_decoder import MiniCPMOSpeechDecoder
 from .modeling_speech_output import MiniCPMOSpeechOutputMixin
 from .modeling_token2wav import MiniCPMOToken2Wav, Token2WavConfig, init_token2wav_weights
@@ -54,6 +55,24 @@ def official_weight_renamings() -> list[WeightRenaming]:
 
 
 register_checkpoint_conversion_mapping("minicpmo", official_weight_renamings(), overwrite=True)
+
+# The official checkpoint also stores these float32 buffers (our names; the resampler table is 70 x 70). Our modules
+# rebuild them, so loading ignores them, and saving writes them so that the key set stays the official one.
+OFFICIAL_BUFFERS = (
+    "model.language_model.rotary_emb.inv_freq",
+    "tts.model.rotary_emb.inv_freq",
+    "model.resampler.pos_embed",
+)
+OFFICIAL_POS_EMBED_SIZE = (70, 70)
+
+
+def _initial_inv_freq(rotary: nn.Module) -> torch.Tensor:
+    """A rotary embedding's float32 inverse frequencies as built (not as cast by a later `model.to(dtype)`)."""
+    if rotary.rope_type == "default":
+        inv_freq, _ = rotary.compute_default_rope_parameters(rotary.config)
+    else:
+        inv_freq, _ = ROPE_INIT_FUNCTIONS[rotary.rope_type](rotary.config, "cpu")
+    return inv_freq.detach().to("cpu", torch.float32)
 
 
 class MiniCPMOPreTrainedModel(PreTrainedModel):
@@ -228,6 +247,7 @@ class MiniCPMOForConditionalGeneration(
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
     _keys_to_ignore_on_load_missing = [r"^token2wav\."]
+    _keys_to_ignore_on_load_unexpected = [r"^model\.resampler\.pos_embed$"]  # rotary inv_freq: ignored by transformers
     _keep_in_fp32_modules = ["token2wav"]
     token2wav_subfolder = "token2wav"
     token2wav_weights_loaded = False
@@ -248,9 +268,37 @@ class MiniCPMOForConditionalGeneration(
         if config.init_tts:
             self._keys_to_ignore_on_save = {f"token2wav.{k}" for k in self.token2wav.state_dict()}
 
-    # --- token2wav weights live next to the checkpoint, not inside it --------------------------------------------
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        super().save_pretrained(save_directory, *args, **kwargs)
+    # --- saving: the official layout; token2wav weights live next to the checkpoint, not inside it ----------------
+    def official_buffers(self) -> dict[str, torch.Tensor]:
+        """The OFFICIAL_BUFFERS this model has, under our names, as the official checkpoint stores them (float32)."""
+        buffers = {}
+        modules = dict(self.named_modules())
+        for name in OFFICIAL_BUFFERS:
+            module_name = name.rpartition(".")[0]
+            if module_name not in modules:
+                continue  # a part built with init_vision / init_tts False
+            if name.endswith("pos_embed"):
+                buffers[name] = get_2d_sincos_pos_embed(modules[module_name].embed_dim, *OFFICIAL_POS_EMBED_SIZE)
+            else:
+                buffers[name] = _initial_inv_freq(modules[module_name])
+        return buffers
+
+    def checkpoint_state_dict(self, state_dict: dict | None = None) -> dict:
+        """What save_pretrained hands to transformers: the state dict (ours unless given) plus `official_buffers()`.
+
+        transformers then drops token2wav (`_keys_to_ignore_on_save`) and tied copies, and renames to the official keys.
+        """
+        state = dict(self.state_dict() if state_dict is None else state_dict)
+        for name, tensor in self.official_buffers().items():
+            state.setdefault(name, tensor)
+        return state
+
+    def save_pretrained(self, save_directory, is_main_process: bool = True, state_dict: dict | None = None, **kwargs):
+        """Writes the official layout: official key names and buffers, and config.json with `architectures`
+        ["MiniCPMO"] (see `MiniCPMOConfig.to_dict`); token2wav goes to the `token2wav/` subfolder."""
+        if not getattr(self, "_hf_peft_config_loaded", False) and getattr(self, "hf_quantizer", None) is None:
+            state_dict = self.checkpoint_state_dict(state_dict)
+        super().save_pretrained(save_directory, is_main_process=is_main_process, state_dict=state_dict, **kwargs)
         if getattr(self, "token2wav", None) is not None:
             self.save_token2wav(os.path.join(save_directory, self.token2wav_subfolder))
 
@@ -381,5 +429,6 @@ __all__ = [
     "MiniCPMOForConditionalGeneration",
     "MiniCPMOModel",
     "MiniCPMOPreTrainedModel",
+    "OFFICIAL_BUFFERS",
     "OFFICIAL_KEY_RENAMES",
 ]
