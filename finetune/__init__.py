@@ -5,18 +5,14 @@ Run from the repository root (this folder is not installed with the `minicpmo` p
     python -m minicpmo.export --tiny runs/minicpmo-tiny
     python -m finetune.sft --config finetune/examples/tiny_lora_llm.yaml
 
-See finetune/README.md. `finetune.sft` and `finetune.trainer` (which import TRL) are loaded only when used;
-collators `speech` (speech_collator) and `duplex` (duplex_collator) are imported when built.
+See finetune/README.md. `finetune.sft` and `finetune.trainer` (which import TRL) are loaded only when used.
+Collators: `chat_collator` (turn_based), `speech_collator` (speech), `duplex_collator` (duplex), registered by
+name in `collators`; speech targets and their encoding in `speech_targets`; collator errors in `errors`.
 """
 
-from .collators import (
-    COLLATORS,
-    CollatorConfigError,
-    TurnBasedCollator,
-    build_collator,
-    dataset_loader,
-    register_collator,
-)
+from .chat_collator import TurnBasedCollator
+from .collators import COLLATORS, build_collator, dataset_loader, register_collator
+from .errors import CollatorConfigError
 from .config import Recipe, RecipeError, load_recipe, recipe_from_dict
 from .data import ConversationFormatError, load_conversations, normalize_conversation
 from .labels import IGNORE_INDEX, ChatTokenIds, LabelMaskError, assistant_only_labels

@@ -37,8 +37,9 @@ class DuplexCollator:
     Rows are JSONL mappings (duplex_data format) or ready `DuplexSample`s (in-memory sessions, e.g. synthetic
     episodes). Serializer options (`unit_seconds`, `max_speak_tokens_per_unit`, `lookahead_tokens`,
     `codes_per_unit`, `force_listen_count`, `turn_gap_s`, `image_slots`: default the processor's
-    `image_feature_size`, which must equal the model's `query_num`) pass through to `serialize_duplex`. `speech_tokenizer` encodes
-    `assistant_speech.audio` (OmniSFTTrainer attaches the model's when None).
+    `image_feature_size`, which must equal the model's `query_num`) pass through to `serialize_duplex`.
+    `speech_tokenizer` (the model's `token2wav.speech_tokenizer`, which `finetune.sft` passes in) encodes
+    `assistant_speech.audio`; sessions with precomputed codes need none.
     """
 
     def __init__(

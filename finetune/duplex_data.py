@@ -24,6 +24,7 @@ from minicpmo.processing.duplex_serializer_minicpmo import DuplexSample, TimedTo
 from minicpmo.processing.media_loading_minicpmo import load_audio, load_image
 
 from .data import ConversationFormatError, load_rows, resolve_media_path
+from .speech_targets import encode_speech, speech_target_of
 
 
 class DuplexFormatError(ConversationFormatError):
@@ -93,10 +94,8 @@ def session_from_row(row: dict, tokenizer, media_root=None, speech_tokenizer=Non
     else:
         tokens = words_to_tokens(row.get("assistant_words") or [], tokenizer, turn_gap_s, where)
     codes, codes_start = None, 0.0
-    speech = {key: value for key, value in (row.get("assistant_speech") or {}).items() if value is not None}
+    speech = speech_target_of(row, "assistant_speech")
     if speech:
-        from .speech_collator import encode_speech
-
         codes = encode_speech(speech, speech_tokenizer, media_root, where)
         codes_start = float(speech.get("start", 0.0))
     extra = {}

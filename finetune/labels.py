@@ -12,8 +12,13 @@ from dataclasses import dataclass
 
 import torch
 
-IGNORE_INDEX = -100
-EMPTY_THINK_TEXT = "<think>\n\n</think>\n\n"
+# The label ignore index of the package's duplex serializer (torch / transformers losses skip it): one value for
+# every label tensor the collators build.
+from minicpmo.processing.duplex_serializer_minicpmo import IGNORE_INDEX
+from minicpmo.processing.tokenization_minicpmo import MiniCPMOSpecialTokens
+
+_token = MiniCPMOSpecialTokens.token_string
+EMPTY_THINK_TEXT = f"{_token('think_start')}\n\n{_token('think_end')}\n\n"
 
 
 class LabelMaskError(ValueError):
@@ -38,7 +43,7 @@ class ChatTokenIds:
             return ids[0]
 
         empty_think = tuple(tokenizer(EMPTY_THINK_TEXT, add_special_tokens=False)["input_ids"])
-        return cls(one_id("<|im_start|>"), one_id("<|im_end|>"), one_id("assistant"), empty_think)
+        return cls(one_id(_token("im_start")), one_id(_token("im_end")), one_id("assistant"), empty_think)
 
 
 def assistant_spans(input_ids: list[int], ids: ChatTokenIds) -> list[tuple[int, int]]:

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .collators import build_collator, dataset_loader
+from .collators import build_collator, dataset_loader, takes_speech_tokenizer
 from .config import Recipe, RecipeError, load_recipe
 from .data import default_media_root
 from .presets import PresetError, check_preset_applies, freeze_for_preset, get_preset, lora_config
@@ -89,19 +89,32 @@ def prepare_model(model, recipe: Recipe):
     return None
 
 
-def recipe_training_data(recipe: Recipe, processor):
+def model_speech_tokenizer(model):
+    """The model's S3 speech tokenizer (`token2wav.speech_tokenizer`, through a PEFT wrapper), or None without one."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return getattr(getattr(model, "token2wav", None), "speech_tokenizer", None)
+
+
+def recipe_training_data(recipe: Recipe, processor, speech_tokenizer=None):
     """The recipe's training rows (loaded by its collator's loader) and its collator (media under the data folder
-    unless `data.media_root` says otherwise)."""
+    unless `data.media_root` says otherwise). A collator registered as taking a speech tokenizer gets
+    `speech_tokenizer` (to encode target audio; see `model_speech_tokenizer`)."""
     train_dataset = dataset_loader(recipe.collator_name)(recipe.train_data)
     media_root = recipe.media_root or default_media_root(recipe.train_data)
-    collator = build_collator(recipe.collator_name, processor, media_root=media_root, **recipe.collator_kwargs)
+    options = dict(recipe.collator_kwargs)
+    if takes_speech_tokenizer(recipe.collator_name):
+        options.setdefault("speech_tokenizer", speech_tokenizer)
+    collator = build_collator(recipe.collator_name, processor, media_root=media_root, **options)
     return train_dataset, collator
 
 
 def build_trainer(recipe: Recipe, output_dir: str | None = None, model=None, processor=None, callbacks=None,
                   train_dataset=None, data_collator=None):
     """An `OmniSFTTrainer` (an `SFTTrainer`) ready to `train()`; `model` / `processor` may be passed in, and so may
-    `train_dataset` + `data_collator` (both, e.g. data mixed from several recipes) instead of the recipe's data."""
+    `train_dataset` + `data_collator` (both, e.g. data mixed from several recipes) instead of the recipe's data.
+    The recipe's collator is built with the model's speech tokenizer when it takes one; a collator passed in is
+    used as it is (the trainer never changes it)."""
     from .trainer import OmniSFTTrainer
 
     if (train_dataset is None) != (data_collator is None):
@@ -112,7 +125,7 @@ def build_trainer(recipe: Recipe, output_dir: str | None = None, model=None, pro
     peft_config = prepare_model(model, recipe)
     eval_dataset = dataset_loader(recipe.collator_name)(recipe.eval_data) if recipe.eval_data else None
     if train_dataset is None:
-        train_dataset, data_collator = recipe_training_data(recipe, processor)
+        train_dataset, data_collator = recipe_training_data(recipe, processor, model_speech_tokenizer(model))
     return OmniSFTTrainer(
         model=model,
         args=args,

@@ -17,49 +17,25 @@ from typing import Any
 
 import torch
 
-from minicpmo.processing.media_loading_minicpmo import load_audio
+from minicpmo.processing.tokenization_minicpmo import MiniCPMOSpecialTokens
 
-from .collators import CollatorConfigError, TurnBasedCollator
-from .data import normalize_conversation, resolve_media_path
+from .chat_collator import TurnBasedCollator
+from .data import normalize_conversation
+from .errors import CollatorConfigError
 from .labels import IGNORE_INDEX
-from .speech_targets import SpeechTargetError, SpeechUnitTarget, pack_speech_targets
+from .speech_targets import SpeechTargetError, SpeechUnitTarget, encode_speech, pack_speech_targets, speech_target_of
 
-TTS_BOS = "<|tts_bos|>"
-TTS_EOS = "<|tts_eos|>"
-
-
-def speech_target_of(message: dict) -> dict | None:
-    """The message's `speech` entry without null fields (datasets fills missing struct fields with None)."""
-    target = message.get("speech")
-    if target is None:
-        return None
-    if not isinstance(target, dict):
-        raise SpeechTargetError(f"`speech` must be a mapping with 'audio' or 'codes', got {type(target).__name__}")
-    return {key: value for key, value in target.items() if value is not None}
-
-
-def encode_speech(target: dict, speech_tokenizer, media_root, where: str) -> list[int]:
-    """Codes of one target: the precomputed `codes`, else `audio` (path) through the S3 speech tokenizer."""
-    if "codes" in target:
-        return [int(code) for code in target["codes"]]
-    if "audio" not in target:
-        raise SpeechTargetError(f"{where}: a speech target needs 'audio' (a wav path) or 'codes' (S3 codes)")
-    if speech_tokenizer is None:
-        raise SpeechTargetError(
-            f"{where}: encoding target audio needs a speech tokenizer; OmniSFTTrainer attaches the model's "
-            "token2wav.speech_tokenizer, or precompute 'codes'"
-        )
-    path = resolve_media_path(target["audio"], media_root)
-    return speech_tokenizer.encode(load_audio(path)).tolist()
+TTS_BOS = MiniCPMOSpecialTokens.token_string("tts_bos")
+TTS_EOS = MiniCPMOSpecialTokens.token_string("tts_eos")
 
 
 class SpeechCollator(TurnBasedCollator):
     """Turn-based batch (`TurnBasedCollator` keys and labels) + speech-decoder targets (`speech_*`, see
     speech_targets): one unit per spoken assistant answer, text_eos layout, EOS after the last code.
 
-    `speech_tokenizer` (an `S3SpeechTokenizer`) encodes target audio; `OmniSFTTrainer` sets it to the model's
-    `token2wav.speech_tokenizer` when left None. `require_voice_reference` insists on a system audio item in every
-    row that has speech.
+    `speech_tokenizer` (an `S3SpeechTokenizer`, e.g. the model's `token2wav.speech_tokenizer`, which `finetune.sft`
+    passes in) encodes target audio; rows with precomputed codes need none. `require_voice_reference` insists on a
+    system audio item in every row that has speech.
     """
 
     def __init__(self, processor, media_root=None, speech_tokenizer=None, require_voice_reference: bool = True,
@@ -67,9 +43,9 @@ class SpeechCollator(TurnBasedCollator):
         super().__init__(processor, media_root=media_root, **kwargs)
         self.speech_tokenizer = speech_tokenizer
         self.require_voice_reference = require_voice_reference
-        tokenizer = processor.tokenizer
-        self.tts_bos_id = tokenizer.convert_tokens_to_ids(TTS_BOS)
-        self.tts_eos_id = tokenizer.convert_tokens_to_ids(TTS_EOS)
+        special = MiniCPMOSpecialTokens.from_tokenizer(processor.tokenizer)
+        self.tts_bos_id = special.tts_bos
+        self.tts_eos_id = special.tts_eos
 
     def conversation(self, row: dict, index: int) -> list[dict]:
         """Validated messages with every spoken answer wrapped as `<|tts_bos|>TEXT<|tts_eos|>`."""
@@ -135,4 +111,4 @@ class SpeechCollator(TurnBasedCollator):
         return spans
 
 
-__all__ = ["SpeechCollator", "encode_speech", "speech_target_of"]
+__all__ = ["SpeechCollator"]

@@ -1,4 +1,9 @@
-"""Speech-decoder targets carried in a batch, and how the trainer turns them into `SpeechSegment`s.
+"""Speech-decoder targets: how a row's speech target becomes S3 codes (`encode_speech`, with the speech tokenizer
+that encodes target audio), the targets a batch carries, and how the trainer turns them into `SpeechSegment`s.
+
+A speech target (an assistant message's `speech`, a duplex row's `assistant_speech`) is `{"codes": [...]}`
+(precomputed 25 Hz S3 codes) or `{"audio": PATH}`, encoded here by the `S3SpeechTokenizer` its collator was
+built with (`finetune.sft` passes the model's `token2wav.speech_tokenizer`).
 
 Both speech collators describe their targets as units (a turn-based spoken answer is one unit; a duplex turn is
 several units in a row). A batch then carries, for U units (all tensors, so the Trainer moves them to the device):
@@ -21,6 +26,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from minicpmo.processing.duplex_serializer_minicpmo import SPEECH_CODEBOOK_SIZE
+from minicpmo.processing.media_loading_minicpmo import load_audio
+
+from .data import resolve_media_path
 from .labels import IGNORE_INDEX
 
 SPEECH_KEYS = (
@@ -32,11 +41,35 @@ SPEECH_KEYS = (
     "speech_eos",
     "speech_text_eos",
 )
-SPEECH_CODEBOOK_SIZE = 6561  # valid S3 codes 0..6560; 6561 is the decoder's EOS
 
 
 class SpeechTargetError(ValueError):
     """A speech target that cannot be used (no codes and no audio, codes out of range, span not found...)."""
+
+
+def speech_target_of(message: dict, key: str = "speech") -> dict | None:
+    """A message's (or row's) speech target without null fields (datasets fills missing struct fields with None)."""
+    target = message.get(key)
+    if target is None:
+        return None
+    if not isinstance(target, dict):
+        raise SpeechTargetError(f"`{key}` must be a mapping with 'audio' or 'codes', got {type(target).__name__}")
+    return {name: value for name, value in target.items() if value is not None}
+
+
+def encode_speech(target: dict, speech_tokenizer, media_root, where: str) -> list[int]:
+    """Codes of one target: the precomputed `codes`, else `audio` (path) through the S3 speech tokenizer."""
+    if "codes" in target:
+        return [int(code) for code in target["codes"]]
+    if "audio" not in target:
+        raise SpeechTargetError(f"{where}: a speech target needs 'audio' (a wav path) or 'codes' (S3 codes)")
+    if speech_tokenizer is None:
+        raise SpeechTargetError(
+            f"{where}: encoding target audio needs a speech tokenizer; build the collator with "
+            "speech_tokenizer= (finetune.sft passes the model's token2wav.speech_tokenizer), or precompute 'codes'"
+        )
+    path = resolve_media_path(target["audio"], media_root)
+    return speech_tokenizer.encode(load_audio(path)).tolist()
 
 
 @dataclass
@@ -112,6 +145,8 @@ __all__ = [
     "SPEECH_KEYS",
     "SpeechTargetError",
     "SpeechUnitTarget",
+    "encode_speech",
     "pack_speech_targets",
     "speech_sequences",
+    "speech_target_of",
 ]

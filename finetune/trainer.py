@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 from trl import SFTTrainer
 
+from .labels import IGNORE_INDEX
 from .speech_targets import SPEECH_KEYS, speech_sequences
 
 
@@ -34,9 +35,9 @@ class SpeechTrainingError(ValueError):
 class OmniSFTTrainer(SFTTrainer):
     """`SFTTrainer` whose loss adds the speech decoder's teacher-forced loss (see module docstring).
 
-    Extra arguments: `speech_loss_weight` (default 1.0) and `text_loss_weight` (default 1.0). On construction a
-    collator with a `speech_tokenizer` attribute left None gets the model's `token2wav.speech_tokenizer`, so target
-    audio can be encoded per batch (precomputed codes need none).
+    Extra arguments: `speech_loss_weight` (default 1.0), `text_loss_weight` (default 1.0) and
+    `labelled_logits_only`. The data collator is used as given: a speech collator that encodes target audio is
+    built with its speech tokenizer (`finetune.sft.build_trainer` passes the model's `token2wav.speech_tokenizer`).
     """
 
     def __init__(self, *args, speech_loss_weight: float = 1.0, text_loss_weight: float = 1.0,
@@ -45,10 +46,6 @@ class OmniSFTTrainer(SFTTrainer):
         self.speech_loss_weight = float(speech_loss_weight)
         self.text_loss_weight = float(text_loss_weight)
         self.labelled_logits_only = bool(labelled_logits_only)
-        collator = self.data_collator
-        if hasattr(collator, "speech_tokenizer") and collator.speech_tokenizer is None:
-            token2wav = getattr(self._core_model(self.model), "token2wav", None)
-            collator.speech_tokenizer = getattr(token2wav, "speech_tokenizer", None)
 
     def _core_model(self, model):
         """The `MiniCPMOForConditionalGeneration` inside DDP / PEFT wrappers (LoRA layers stay in place)."""
@@ -110,7 +107,7 @@ def labelled_cross_entropy(lm_head, hidden: torch.Tensor, labels: torch.Tensor, 
     demo model), so small-model recipes set `labelled_logits_only: true`. Sum over tokens divided by
     `num_items_in_batch` when given (gradient accumulation), else the mean."""
     targets = labels[:, 1:]
-    keep = targets != -100
+    keep = targets != IGNORE_INDEX
     if not bool(keep.any()):
         return hidden.sum() * 0.0
     logits = lm_head(hidden[:, :-1][keep]).float()

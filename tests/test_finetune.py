@@ -189,6 +189,38 @@ def test_last_turn_only_and_error_cases(processor, rows):
         build_collator("nope", processor)
 
 
+def test_registered_collators_get_the_speech_tokenizer_when_built(processor):
+    """`register_collator(..., speech_tokenizer=True)`: the recipe's collator is built with the speech tokenizer."""
+    from finetune import register_collator
+    from finetune.collators import COLLATORS, SPEECH_TOKENIZER_COLLATORS, takes_speech_tokenizer
+    from finetune.sft import recipe_training_data
+
+    assert takes_speech_tokenizer("speech") and takes_speech_tokenizer("duplex")
+    assert not takes_speech_tokenizer("turn_based")
+    built = []
+
+    def factory(processor, media_root=None, speech_tokenizer=None, **options):
+        built.append((speech_tokenizer, options))
+        return lambda rows: {}
+
+    def recipe(name):
+        return recipe_from_dict({"model": "unused", "data": {"train": str(JSONL)}, "collator": {"name": name, "k": 1},
+                                 "sft": {"output_dir": "unused"}})
+
+    marker = object()
+    try:
+        register_collator("with_tokenizer", factory, speech_tokenizer=True)
+        register_collator("without_tokenizer", lambda processor, **options: built.append(options) or factory)
+        recipe_training_data(recipe("with_tokenizer"), processor, speech_tokenizer=marker)
+        recipe_training_data(recipe("without_tokenizer"), processor, speech_tokenizer=marker)
+    finally:
+        for name in ("with_tokenizer", "without_tokenizer"):
+            COLLATORS.pop(name, None)
+            SPEECH_TOKENIZER_COLLATORS.discard(name)
+    assert built[0] == (marker, {"k": 1})
+    assert built[1] == {"media_root": DATA, "k": 1}  # no speech_tokenizer for a collator that does not take one
+
+
 # ---- presets ------------------------------------------------------------------------------------------------------
 def test_lora_llm_preset_targets_only_llm_linears():
     from peft import get_peft_model

@@ -222,7 +222,7 @@ def test_speech_pretrain_run_halves_the_speech_loss_and_resumes(tmp_path, proces
     trainer = build_trainer(_recipe(tmp_path, max_steps=12, learning_rate=3e-2, max_grad_norm=0.0), model=trained,
                             processor=processor)
     assert isinstance(trainer, OmniSFTTrainer)
-    assert trainer.data_collator.speech_tokenizer is trained.token2wav.speech_tokenizer  # attached by the trainer
+    assert trainer.data_collator.speech_tokenizer is trained.token2wav.speech_tokenizer  # passed in when built
     trainer.train()
     speech = _logged(trainer, "speech_loss")
     assert len(speech) == 12 and speech[-1] <= speech[0] / 2, speech
@@ -241,6 +241,35 @@ def test_speech_pretrain_run_halves_the_speech_loss_and_resumes(tmp_path, proces
     assert resumed.state.global_step == 4
     assert _logged(resumed, "speech_loss")[-2:] == pytest.approx(_logged(full, "speech_loss")[2:], rel=1e-4)
     assert _logged(resumed, "loss")[-2:] == pytest.approx(_logged(full, "loss")[2:], rel=1e-4)
+
+
+def test_trainer_leaves_its_collator_as_built(tmp_path, processor, model, rows):
+    """OmniSFTTrainer never changes its collator: building the trainer and a training step rebind no attribute, and a
+    speech collator built without a speech tokenizer keeps none (build_trainer gives the recipe's collator the
+    model's when it builds it: test_speech_pretrain_run_halves_the_speech_loss_and_resumes)."""
+    from finetune.sft import build_trainer, recipe_training_data
+
+    recipe = _recipe(tmp_path, max_steps=1)
+    dataset, collator = recipe_training_data(recipe, processor)  # no speech tokenizer passed in
+    assert collator.speech_tokenizer is None
+    before = dict(vars(collator))
+
+    def unchanged():
+        after = vars(collator)
+        assert after.keys() == before.keys()
+        assert [key for key in before if after[key] is not before[key]] == []
+
+    coded = dataset.select([0])  # precomputed codes: trains without a speech tokenizer
+    assert "codes" in rows[0]["messages"][2]["speech"]
+    trainer = build_trainer(recipe, model=copy.deepcopy(model), processor=processor, train_dataset=coded,
+                            data_collator=collator)
+    assert trainer.data_collator is collator
+    unchanged()
+    trainer.train()
+    assert trainer.state.global_step == 1
+    unchanged()
+    with pytest.raises(SpeechTargetError, match="needs a speech tokenizer"):  # audio targets still cannot be encoded
+        collator([rows[1]])
 
 
 def test_joint_sft_speech_gradients_reach_the_llm(processor, model, rows):

@@ -39,21 +39,11 @@ def grouped_batches(sources: dict[str, object], batch_sizes: dict[str, int], see
 
 
 class GroupedBatchCollator:
-    """[{source, rows}] (batch size 1) -> the batch that the source's collator builds from its rows."""
+    """[{source, rows}] (batch size 1) -> the batch that the source's collator builds from its rows (each source's
+    collator built complete, speech tokenizer included: see `finetune.sft.recipe_training_data`)."""
 
     def __init__(self, collators: dict[str, object]):
         self.collators = collators
-
-    # OmniSFTTrainer hands the model's speech tokenizer to a collator whose `speech_tokenizer` is None; pass it on.
-    @property
-    def speech_tokenizer(self):
-        return None
-
-    @speech_tokenizer.setter
-    def speech_tokenizer(self, value):
-        for collator in self.collators.values():
-            if hasattr(collator, "speech_tokenizer") and collator.speech_tokenizer is None:
-                collator.speech_tokenizer = value
 
     def __call__(self, items: list[dict]) -> dict:
         if len(items) != 1:

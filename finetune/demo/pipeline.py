@@ -31,7 +31,7 @@ import torch
 from minicpmo.voices import MODEL_VOICE_FILE
 
 from ..config import load_recipe
-from ..sft import build_trainer
+from ..sft import build_trainer, model_speech_tokenizer, recipe_training_data
 from .budget import WallClockStop, fit_max_steps
 from .data import write_duplex_sessions, write_scene_questions
 
@@ -113,13 +113,13 @@ def run_recipe(name: str, model, processor, settings: DemoSettings, data_file: P
 
 def run_rehearsal(model, processor, settings: DemoSettings, sessions: Path, questions: Path, report: dict) -> None:
     """Duplex sessions and scene questions in one trainer (see mixed.py), with each recipe's own collator."""
-    from ..sft import recipe_training_data
     from .mixed import GroupedBatchCollator, grouped_batches
 
     budget = settings.budget_s("rehearsal")
     started = time.perf_counter()
     parts = {"duplex": _recipe("duplex", settings, sessions), "questions": _recipe("questions", settings, questions)}
-    data = {name: recipe_training_data(recipe, processor) for name, recipe in parts.items()}
+    speech_tokenizer = model_speech_tokenizer(model)
+    data = {name: recipe_training_data(recipe, processor, speech_tokenizer) for name, recipe in parts.items()}
     sources = {name: rows for name, (rows, _) in data.items()}
     collators = {name: collator for name, (_, collator) in data.items()}
     batch_sizes = {name: recipe.sft["per_device_train_batch_size"] for name, recipe in parts.items()}
