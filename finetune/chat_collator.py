@@ -11,11 +11,29 @@ from typing import Any
 
 import torch
 
+from minicpmo.processing.chat_template_minicpmo import messages_have_audio
 from minicpmo.processing.media_loading_minicpmo import expand_video_items, load_audio, load_image
+from minicpmo.processing.tokenization_minicpmo import MiniCPMOSpecialTokens
 
 from .data import normalize_conversation
 from .errors import CollatorConfigError
 from .labels import ChatTokenIds, assistant_only_labels
+
+TTS_BOS = MiniCPMOSpecialTokens.token_string("tts_bos")
+TTS_EOS = MiniCPMOSpecialTokens.token_string("tts_eos")
+
+
+def _as_generated_answer(message: dict) -> dict:
+    """An answer as the model writes it after a `<|tts_bos|>` prompt: `<|tts_bos|>TEXT<|tts_eos|>` (once)."""
+    text = "".join(item["text"] for item in message["content"])
+    if text.startswith(TTS_BOS):
+        return message
+    return {**message, "content": [{"type": "text", "text": TTS_BOS + text + TTS_EOS}]}
+
+
+def follows_audio(messages: list[dict], index: int) -> bool:
+    """chat() prompts the answer at `index` with `<|tts_bos|>` when an earlier message holds audio."""
+    return messages_have_audio(messages[:index])
 
 
 class TurnBasedCollator:
@@ -44,8 +62,16 @@ class TurnBasedCollator:
         self.token_ids = ChatTokenIds.from_tokenizer(processor.tokenizer)
 
     def render(self, messages: list[dict]) -> tuple[str, list[Any], list[Any]]:
-        """Prompt text with media patterns, plus the decoded images (PIL) and 16 kHz audio in reading order."""
+        """Prompt text with media patterns, plus the decoded images (PIL) and 16 kHz audio in reading order.
+
+        An answer that follows audio (a video's sound included) is written `<|tts_bos|>TEXT<|tts_eos|>`, as the model
+        generates it after the prompt chat() builds for that conversation; the labels mask the `<|tts_bos|>`.
+        """
         messages, has_video = expand_video_items(messages)
+        messages = [
+            _as_generated_answer(message) if message["role"] == "assistant" and follows_audio(messages, index) else message
+            for index, message in enumerate(messages)
+        ]
         text = self.processor.apply_chat_template(
             messages, tokenize=False, omni_mode=has_video, enable_thinking=self.enable_thinking
         )
@@ -60,13 +86,19 @@ class TurnBasedCollator:
 
     def conversation(self, row: dict, index: int) -> list[dict]:
         """One row's validated messages (media paths resolved); assistant messages must be text here."""
+        where = f"row {row.get('id', index)}"
         messages = normalize_conversation(row["messages"], self.media_root, row=row.get("id", index))
         for message in messages:
-            if message["role"] == "assistant" and any(item["type"] != "text" for item in message["content"]):
+            if message["role"] != "assistant":
+                continue
+            if any(item["type"] != "text" for item in message["content"]):
                 raise CollatorConfigError(
-                    f"row {row.get('id', index)}: assistant messages must be text for the turn-based collator "
+                    f"{where}: assistant messages must be text for the turn-based collator "
                     "(speech answers need a speech collator)"
                 )
+            text = "".join(item["text"] for item in message["content"])
+            if TTS_BOS in text or TTS_EOS in text:
+                raise CollatorConfigError(f"{where}: assistant text must not contain {TTS_BOS} / {TTS_EOS}")
         return messages
 
     def encode(self, conversations: list[list[dict]]) -> dict[str, torch.Tensor]:
@@ -99,4 +131,4 @@ class TurnBasedCollator:
         return self.encode([self.conversation(row, index) for index, row in enumerate(rows)])
 
 
-__all__ = ["TurnBasedCollator"]
+__all__ = ["TTS_BOS", "TTS_EOS", "TurnBasedCollator", "follows_audio"]

@@ -3,7 +3,8 @@
 For every assistant turn `<|im_start|>assistant\\n ... <|im_end|>\\n` the labels keep the tokens after the
 header up to and including `<|im_end|>`; the header, the newline after `<|im_end|>`, system/user/tool turns,
 media placeholders and padding are -100. An empty thinking block `<think>\\n\\n</think>\\n\\n` right after the
-header is also masked: with `enable_thinking=False` it is part of the generation prompt, not of the answer.
+header is also masked: with `enable_thinking=False` it is part of the generation prompt, not of the answer; so is a
+`<|tts_bos|>` right after it (chat() ends the prompt with it whenever the conversation holds audio).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class ChatTokenIds:
     im_end: int
     assistant: int
     empty_think: tuple[int, ...]
+    tts_bos: int | None = None
 
     @classmethod
     def from_tokenizer(cls, tokenizer) -> "ChatTokenIds":
@@ -43,7 +45,10 @@ class ChatTokenIds:
             return ids[0]
 
         empty_think = tuple(tokenizer(EMPTY_THINK_TEXT, add_special_tokens=False)["input_ids"])
-        return cls(one_id(_token("im_start")), one_id(_token("im_end")), one_id("assistant"), empty_think)
+        return cls(
+            one_id(_token("im_start")), one_id(_token("im_end")), one_id("assistant"), empty_think,
+            one_id(_token("tts_bos")),
+        )
 
 
 def assistant_spans(input_ids: list[int], ids: ChatTokenIds) -> list[tuple[int, int]]:
@@ -57,6 +62,8 @@ def assistant_spans(input_ids: list[int], ids: ChatTokenIds) -> list[tuple[int, 
             think = ids.empty_think
             if think and tuple(input_ids[start : start + len(think)]) == think:
                 start += len(think)
+            if ids.tts_bos is not None and start < length and input_ids[start] == ids.tts_bos:
+                start += 1
             end = start
             while end < length and input_ids[end] != ids.im_end:
                 end += 1

@@ -6,7 +6,7 @@ Row format (finetune/README.md, "Speech output"): an assistant message carries i
 
 The spoken answer is rendered as the model generates it with `use_tts_template=True`:
 `<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n<|tts_bos|>TEXT<|tts_eos|><|im_end|>`. Text labels are those of
-`TurnBasedCollator` minus `<|tts_bos|>` (it belongs to the generation prompt), so TEXT, `<|tts_eos|>` and
+`TurnBasedCollator` (which masks `<|tts_bos|>`: it belongs to the generation prompt), so TEXT, `<|tts_eos|>` and
 `<|im_end|>` are learned. The speech decoder is conditioned on TEXT's tokens and the LLM hidden states at their
 positions (spec §6), which the batch carries as `speech_*` tensors (see speech_targets).
 """
@@ -19,14 +19,11 @@ import torch
 
 from minicpmo.processing.tokenization_minicpmo import MiniCPMOSpecialTokens
 
-from .chat_collator import TurnBasedCollator
+from .chat_collator import TTS_BOS, TTS_EOS, TurnBasedCollator
 from .data import normalize_conversation
 from .errors import CollatorConfigError
-from .labels import IGNORE_INDEX
+from .labels import assistant_spans
 from .speech_targets import SpeechTargetError, SpeechUnitTarget, encode_speech, pack_speech_targets, speech_target_of
-
-TTS_BOS = MiniCPMOSpecialTokens.token_string("tts_bos")
-TTS_EOS = MiniCPMOSpecialTokens.token_string("tts_eos")
 
 
 class SpeechCollator(TurnBasedCollator):
@@ -84,30 +81,26 @@ class SpeechCollator(TurnBasedCollator):
         for row_index, (row, messages) in enumerate(zip(rows, conversations)):
             where = f"row {row.get('id', row_index)}"
             targets = [speech_target_of(message) for message in row["messages"] if message.get("role") == "assistant"]
-            targets = [target for target in targets if target is not None]
-            spans = self._spoken_spans(batch["input_ids"][row_index].tolist(), len(targets), where)
-            for (start, end), target in zip(spans, targets):
-                batch["labels"][row_index, start - 1] = IGNORE_INDEX  # <|tts_bos|> is part of the prompt
+            spans = self._answer_spans(batch["input_ids"][row_index].tolist(), len(targets), where)
+            for target, span in zip(targets, spans):
+                if target is None:
+                    continue
+                if span is None:
+                    raise SpeechTargetError(f"{where}: a spoken answer has no {TTS_BOS} ... {TTS_EOS} span (truncated?)")
                 codes = encode_speech(target, self.speech_tokenizer, self.media_root, where)
-                units.append(SpeechUnitTarget(row_index, turn, list(range(start, end)), codes, True, True, where))
+                units.append(SpeechUnitTarget(row_index, turn, list(range(*span)), codes, True, True, where))
                 turn += 1
         batch.update(pack_speech_targets(units))
         return batch
 
-    def _spoken_spans(self, ids: list[int], expected: int, where: str) -> list[tuple[int, int]]:
-        """[start, end) of the tokens between each <|tts_bos|> and the next <|tts_eos|>."""
-        starts = [index for index, token in enumerate(ids) if token == self.tts_bos_id]
-        if len(starts) != expected:
-            raise SpeechTargetError(
-                f"{where}: found {len(starts)} {TTS_BOS} tokens but {expected} spoken answers; message text must not "
-                "contain TTS control tokens"
-            )
+    def _answer_spans(self, ids: list[int], expected: int, where: str) -> list[tuple[int, int] | None]:
+        """Per assistant answer: [start, end) of its text between `<|tts_bos|>` and `<|tts_eos|>`, or None."""
         spans = []
-        for start in starts:
-            end = next((index for index in range(start + 1, len(ids)) if ids[index] == self.tts_eos_id), None)
-            if end is None:
-                raise SpeechTargetError(f"{where}: spoken answer at token {start} has no {TTS_EOS} (truncated?)")
-            spans.append((start + 1, end))
+        for start, end in assistant_spans(ids, self.token_ids):
+            stop = next((index for index in range(start, end) if ids[index] == self.tts_eos_id), None)
+            spans.append((start, stop) if ids[start - 1] == self.tts_bos_id and stop is not None else None)
+        if len(spans) != expected:
+            raise SpeechTargetError(f"{where}: found {len(spans)} assistant answers in the tokens, {expected} in the row")
         return spans
 
 

@@ -140,8 +140,9 @@ def test_turn_based_batch_has_every_modality_and_assistant_only_labels(processor
     assert decoded == [
         "Paris.<|im_end|>",
         "A red square and a blue circle.<|im_end|>",
-        "A steady 440 Hz tone.<|im_end|>",
-        "A green square moves right while the pitch rises.<|im_end|>",
+        # Answers after audio are learned as chat() prompts them: after <|tts_bos|> (masked), up to <|tts_eos|>.
+        "A steady 440 Hz tone.<|tts_eos|><|im_end|>",
+        "A green square moves right while the pitch rises.<|tts_eos|><|im_end|>",
         "Two.<|im_end|>The square on the left.<|im_end|>",
         "<think>\n7 has no divisors other than 1 and 7.\n</think>\n\nYes.<|im_end|>",
     ]
@@ -159,15 +160,23 @@ def test_turn_based_batch_has_every_modality_and_assistant_only_labels(processor
 
 
 def test_labels_equal_generation_targets(processor, collator, rows):
-    """The labelled tokens are exactly what follows the generation prompt of the same conversation."""
+    """The labelled tokens are exactly what the model writes after chat()'s generation prompt of the same turn.
+
+    With audio in the conversation that prompt ends with <|tts_bos|> (official chat()), and the answer ends with
+    <|tts_eos|> before <|im_end|>.
+    """
     row = rows[2]
     messages = normalize_conversation(row["messages"], DATA)
     prompt = processor.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
-    full = processor.apply_chat_template(messages, tokenize=False)
-    assert full.startswith(prompt)
-    target = processor.tokenizer(full[len(prompt):].removesuffix("\n"), add_special_tokens=False)["input_ids"]
+    assert prompt.endswith("<|tts_bos|>")
+    answer = "".join(item["text"] for item in messages[-1]["content"])
+    target = processor.tokenizer(answer + "<|tts_eos|><|im_end|>", add_special_tokens=False)["input_ids"]
     batch = collator([row])
-    assert batch["labels"][0][batch["labels"][0] != IGNORE_INDEX].tolist() == target
+    labelled = (batch["labels"][0] != IGNORE_INDEX).nonzero().flatten()
+    assert batch["labels"][0][labelled].tolist() == target
+    prompt_ids = processor.tokenizer(prompt.split("</audio>")[-1], add_special_tokens=False)["input_ids"]
+    first = int(labelled[0])
+    assert batch["input_ids"][0][first - len(prompt_ids) : first].tolist() == prompt_ids
 
 
 def test_last_turn_only_and_error_cases(processor, rows):
