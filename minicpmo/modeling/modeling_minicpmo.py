@@ -382,6 +382,19 @@ class MiniCPMOForConditionalGeneration(
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        """Causal-LM pass over text with images and audio scattered into their placeholder positions.
+
+        Args:
+            input_ids: [B, L] token ids with media placeholders (from the processor), or `inputs_embeds` [B, L, D].
+            attention_mask, position_ids, cache, use_cache: as in transformers' causal LMs (`cache` is the KV cache).
+            pixel_values, tgt_sizes: image slices as patch strips [N, 3, 14, L*14] and their patch grids [N, 2].
+            input_features, input_features_mask: log-mel [M, 80, T] of the audio pieces and their frame mask.
+            labels: [B, L] targets (-100 ignored), shifted inside the loss.
+            logits_to_keep: compute logits for the last n positions only (0: all).
+
+        Returns:
+            `CausalLMOutputWithPast` with `logits`, `loss` when labels are given, and the cache.
+        """
         kwargs.pop("ref_audio", None)  # the processor's voice prompt: read by generate(return_audio=True) only
         outputs = self.model(
             input_ids=input_ids,

@@ -120,8 +120,19 @@ class MiniCPMOSpeechOutputMixin:
                  n_timesteps: int | None = None, **kwargs):
         """transformers' `generate`; with `return_audio=True` also the speech codes and 24 kHz waveform per sample.
 
-        The voice is `voice`, else `ref_audio`: passed here, or handed through by the processor from the audio item
-        of the system message (`**inputs` then carries it).
+        Args:
+            *args, **kwargs: what transformers' `generate` takes (the processor's output: `input_ids` or
+                `inputs_embeds`, `attention_mask`, media tensors; generation settings).
+            return_audio: also decode the answer's speech (needs a model built with `init_tts`).
+            ref_audio: 16 kHz reference waveform of the voice; default: the audio item of the system message,
+                which the processor hands through as `ref_audio` in its output.
+            voice: a prepared voice (`prepare_voice(...)`), used instead of `ref_audio`.
+            speech_sampling: how speech codes are drawn (`SpeechSamplingConfig`, official defaults).
+            n_timesteps: token2wav ODE steps (default: the token2wav config's).
+
+        Returns:
+            What transformers' `generate` returns; with `return_audio=True` a `MiniCPMOGenerateOutput` with
+            `sequences`, and per sample `speech_codes` and `waveforms` (float32, 24 kHz).
         """
         if not return_audio:
             return super().generate(*args, **kwargs)
@@ -191,12 +202,26 @@ class MiniCPMOSpeechOutputMixin:
              max_slice_nums: int | None = None, speech_sampling: SpeechSamplingConfig | None = None,
              n_timesteps: int | None = None, text_chunk_tokens: int = 10, max_codes_per_chunk: int = 500,
              seed: int | None = None, omni_mode: bool | None = None, use_tts_template: bool | None = None):
-        """Turn-based chat. Returns the text, (text, waveform) with generate_audio, or an iterator of ChatChunk.
+        """Turn-based chat, with the official chat() prompt and decoding defaults.
 
-        The prompt is the official chat() prompt: `<|tts_bos|>` ends it whenever the messages hold audio (or speech
-        is generated), unless `use_tts_template` says otherwise; `omni_mode` joins a message's items with "" instead
-        of "\n" (on by default for video). The repetition penalty sees generated tokens only, as the official
-        generation from embeddings does.
+        `<|tts_bos|>` ends the prompt whenever the messages hold audio (or speech is generated), unless
+        `use_tts_template` says otherwise; `omni_mode` joins a message's items with "" instead of "\n" (on by
+        default for video). The repetition penalty sees generated tokens only.
+
+        Args:
+            msgs: chat messages (`{"role", "content"}`; content a string or a list of text/image/audio/video items).
+            processor: the `MiniCPMOProcessor` that renders and encodes them.
+            generate_audio: also speak the answer, in the voice of `ref_audio` or the first audio of `msgs`.
+            stream: return an iterator of `ChatChunk` (text delta + 24 kHz audio chunk) instead.
+            max_new_tokens, min_new_tokens, do_sample, temperature, top_p, top_k, repetition_penalty, seed: LLM
+                decoding (greedy with penalty 1.02 by default).
+            enable_thinking: let the model write `<think>...</think>` first.
+            max_slice_nums: image slices per image (default 9).
+            speech_sampling, n_timesteps: speech-code sampling and token2wav ODE steps.
+            text_chunk_tokens, max_codes_per_chunk: streaming granularity of speech.
+
+        Returns:
+            The answer text; `(text, waveform)` with `generate_audio`; an iterator of `ChatChunk` with `stream`.
         """
         voice = None
         if generate_audio:
