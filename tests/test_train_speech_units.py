@@ -109,11 +109,14 @@ def test_flow_and_vocoder_training_lower_losses_and_inference_still_runs(tiny, c
             predictor = tiny.hift_original.f0_predictor
             return np.mean([(predictor(mel[None])[0] - f0).abs().mean().item() for mel, _, f0 in data])
 
-    f0_before = f0_error()
+    # the best any constant F0 can do (113 Hz here): beating it means the predictor reads pitch from the mel
+    best_constant = min(np.mean([(f0 - c).abs().mean().item() for _, _, f0 in data]) for c in range(0, 400, 2))
+    assert f0_error() > 0.95 * best_constant  # untrained, it is no better than a constant
     vocoder = t2w_recipe.train_vocoder(tiny.hift_original, clips, budget_s=1e9, max_steps=40, batch_size=2,
                                        segment_frames=12, log=None)
     assert vocoder["mel_loss"] < vocoder["first_mel_loss"]
-    assert f0_error() < f0_before  # the per-step F0 loss is too noisy over 40 steps; the whole set is not
+    # measured over model seeds 0-7 and 1 or 2 threads: 44-77 Hz after 40 steps
+    assert f0_error() < 0.85 * best_constant
     assert any(not torch.equal(v, before[k]) for k, v in tiny.state_dict().items() if k.startswith("hift_original."))
     assert set(tiny.state_dict()) == keys  # the speaker-ID head is training-only
     assert not tiny.flow.training and not tiny.campplus.training and not tiny.hift_original.training
