@@ -1,4 +1,4 @@
-"""`collator: duplex`: recorded full-duplex sessions -> Omni-Flow training batches (spec §8, paper TAIL).
+"""`collator: duplex`: recorded full-duplex sessions -> Omni-Flow training batches (official §8, paper TAIL).
 
 Each row (format in duplex_data) becomes a `DuplexSample`, is serialized by
 `minicpmo.processing.duplex_serializer_minicpmo.serialize_duplex` into the unit layout the live loop builds, and

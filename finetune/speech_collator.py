@@ -8,7 +8,7 @@ The spoken answer is rendered as the model generates it with `use_tts_template=T
 `<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n<|tts_bos|>TEXT<|tts_eos|><|im_end|>`. Text labels are those of
 `TurnBasedCollator` (which masks `<|tts_bos|>`: it belongs to the generation prompt), so TEXT, `<|tts_eos|>` and
 `<|im_end|>` are learned. The speech decoder is conditioned on TEXT's tokens and the LLM hidden states at their
-positions (spec §6), which the batch carries as `speech_*` tensors (see speech_targets).
+positions (official §6), which the batch carries as `speech_*` tensors (see speech_targets).
 """
 
 from __future__ import annotations

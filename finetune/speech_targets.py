@@ -17,7 +17,7 @@ several units in a row). A batch then carries, for U units (all tensors, so the 
     speech_text_eos       [U]            turn-based layout (text_eos before audio_bos, config normalisation) when
                                          true, duplex unit (no text_eos, always L2-normalised) when false
 
-The hidden state at a spoken position is the LLM's final-norm state where that token is the *input* (spec §6).
+The hidden state at a spoken position is the LLM's final-norm state where that token is the *input* (official §6).
 """
 
 from __future__ import annotations

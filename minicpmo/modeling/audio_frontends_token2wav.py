@@ -1,6 +1,6 @@
 """Audio front-ends of token2wav's reference voice: the 24 kHz prompt mel and the 16 kHz Kaldi fbank.
 
-* ``prompt_mel_24k``: the flow decoder's prompt condition (spec section 7), the CosyVoice / Matcha
+* ``prompt_mel_24k``: the flow decoder's prompt condition (official §7), the CosyVoice / Matcha
   ``mel_spectrogram``: resample to 24 kHz, reflect-pad (n_fft - hop) / 2 on both sides, STFT with
   n_fft = win = 1920, hop 480, periodic Hann window, center=False, magnitude sqrt(re^2 + im^2 + 1e-9)
   (not power), an 80-band mel filterbank over 0..8000 Hz, then log(clamp(x, 1e-5)). The filterbank is

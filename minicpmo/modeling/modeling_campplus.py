@@ -2,7 +2,7 @@
 
 token2wav conditions the flow decoder on a speaker embedding of the reference voice. The official
 pipeline runs ``campplus.onnx`` on CPU with input = Kaldi fbank (80 bins, 16 kHz, dither 0) minus its
-mean over time, shape [1, T, 80], and uses the 192-d output (spec section 7). This module rebuilds that
+mean over time, shape [1, T, 80], and uses the 192-d output (official §7). This module rebuilds that
 network in PyTorch with the published CAM++ shape (3D-Speaker, Wang et al. 2023):
 
 * ``head`` (FCM): Conv2d 1->32 (3x3) + BN + ReLU, two stages of two 2-D residual blocks (the first of

@@ -1,4 +1,4 @@
-"""Omni-Flow full duplex: perception and response on one time axis, one 1-s unit at a time (spec §8).
+"""Omni-Flow full duplex: perception and response on one time axis, one 1-s unit at a time (official §8).
 
 Each unit: encode the newest frame (448-class, 64 tokens) and 1 s of audio with the streaming encoder caches,
 prefill `<unit> [frame] [10 audio slots]` into the persistent LLM KV cache, decode at most
@@ -6,7 +6,7 @@ prefill `<unit> [frame] [10 audio slots]` into the persistent LLM KV cache, deco
 makes it a speaking unit), close with `</unit>`, turn the unit's text into exactly 25 speech codes (1 s) and stream
 them through token2wav.
 
-Decoding rule (spec §8, "Loop j = 0..19"), the same for every token of a unit, the first one included:
+Decoding rule (official §8, "Loop j = 0..19"), the same for every token of a unit, the first one included:
 1. one draw from the raw distribution (argmax when greedy); `<|chunk_eos|>` there ends the unit;
 2. otherwise the forbidden ids are masked: `<|tts_pad|>`, the tokenizer's 6965 `bad_token_ids` and `<|chunk_eos|>`
    (nothing else: layout tokens such as `<unit>` or `<|im_end|>` stay possible, as in the official loop);

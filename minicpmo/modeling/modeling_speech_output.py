@@ -3,7 +3,7 @@
 Two entry points, mixed into `MiniCPMOForConditionalGeneration`:
 - `generate(**inputs, return_audio=True, ref_audio=...)`: the normal transformers `generate`, then the spoken span
   (after the last `<|tts_bos|>`, up to `<|tts_eos|>`) is re-read by the LLM to get the hidden state of every spoken
-  token, which conditions the speech decoder (official turn-based path, spec §6).
+  token, which conditions the speech decoder (official turn-based path, §6).
 - `chat(msgs, processor=..., generate_audio=..., stream=...)`: builds the prompt, and with `stream=True` decodes text
   in chunks of `text_chunk_tokens`, turning each chunk into speech codes and audio at once (official half-duplex
   streaming), so the first audio arrives long before the text is finished.

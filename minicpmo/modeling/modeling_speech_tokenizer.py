@@ -1,7 +1,7 @@
 """S3 speech tokenizer v2: 16 kHz speech -> 25 discrete codes per second (codebook 3^8 = 6561).
 
-MiniCPM-o 4.5's speech decoder emits these codes (spec section 6) and token2wav turns them back into
-audio (spec section 7). The official tokenizer ships only as ``speech_tokenizer_v2_25hz.onnx``
+MiniCPM-o 4.5's speech decoder emits these codes (official §6) and token2wav turns them back into
+audio (official §7). The official tokenizer ships only as ``speech_tokenizer_v2_25hz.onnx``
 (CosyVoice2). This module rebuilds the same network in PyTorch. It is used to make speech-decoder
 training targets and the token2wav prompt tokens. Architecture facts come from the public
 reimplementation (the ``s3tokenizer`` PyPI package, ``S3TokenizerV2`` / ``AudioEncoderV2``) and its

@@ -1,6 +1,6 @@
 """Token2wav: S3 speech codes (25 Hz) -> 24 kHz waveform in a reference voice, offline and streaming.
 
-``MiniCPMOToken2Wav`` wires the parts together (spec section 7):
+``MiniCPMOToken2Wav`` wires the parts together (official §7):
 
 * ``flow`` (:class:`FlowDecoder`): codes -> 80-bin mel at 50 Hz, conditioned on the voice prompt;
 * ``hift_original`` (:class:`HiFTVocoder`): mel -> 24 kHz audio, 480 samples per frame, so 960 per code;
@@ -12,7 +12,7 @@ those of ``token2wav_state_dict.tsv``. The voice encoders are converted from ONN
 of ``flow.pt`` / ``hift.pt``; ``Token2WavConfig(voice_encoders=False)`` builds the model without them
 (its state dict then equals the tsv) for callers that bring their own :class:`VoicePrompt`.
 
-Streaming (what MiniCPM-o does per spoken turn, spec sections 7 and 8), with an explicit, immutable
+Streaming (what MiniCPM-o does per spoken turn, official §7 and §8), with an explicit, immutable
 :class:`Token2WavStreamState` and a pure :meth:`MiniCPMOToken2Wav.push`:
 
 * at the first codes of a turn the buffer starts with ``[4218] * 3`` (silence, also the flow's prompt

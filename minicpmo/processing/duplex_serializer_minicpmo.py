@@ -4,7 +4,7 @@ Input is a recorded session on one clock: the user's 16 kHz audio, camera frames
 assistant's text tokens with start/end times and the assistant's 25 Hz speech codes. Output is the exact
 sequence the live loop builds (see duplex_layout_minicpmo), with labels on the generated part of every unit.
 
-Rules (paper "TAIL", spec sections 6 and 8):
+Rules (paper "TAIL", official §6 and §8):
 - Units are `unit_seconds` long; unit k covers [k*U, (k+1)*U) and shows the latest frame with time <= k*U.
 - Text: a token whose start time falls in unit k is emitted in unit k. A unit holds at most
   `max_speak_tokens_per_unit` decision ids, `<|speak|>` and `<|chunk_eos|>` included (the official 20 decode
