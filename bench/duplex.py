@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from minicpmo import MiniCPMOForConditionalGeneration, MiniCPMOProcessor, tiny_config
-from minicpmo.modeling.modeling_duplex import STAGES
+from minicpmo.duplex import STAGES
 from minicpmo.voices import load_voice
 
 
@@ -52,7 +52,7 @@ def run(model, processor, n_units, frame_every, speak_every, voice):
         start = time.perf_counter()
         out = session.step(audio, frame if frame_every and k % frame_every == 0 else None)
         total = time.perf_counter() - start
-        rows.append(dict(unit=k, total=total, rss=rss_mb(), cache=session.state.next_position,
+        rows.append(dict(unit=k, total=total, rss=rss_mb(), cache=session.state.llm.next_position,
                          speak=not out.is_listen, **out.timings))
     session.close()
     return rows

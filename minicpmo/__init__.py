@@ -20,6 +20,7 @@ from .configuration.configuration_minicpmo import (
     MiniCPMVSliceConfig,
 )
 from .configuration.configuration_presets import demo_config, official_config, tiny_config
+from .duplex import DuplexConfig, DuplexOutput, DuplexSession
 from .modeling.modeling_minicpmo import (
     ContextLengthError,
     MiniCPMOForConditionalGeneration,
@@ -38,6 +39,9 @@ AutoTokenizer.register(MiniCPMOConfig, fast_tokenizer_class=MiniCPMOTokenizerFas
 
 __all__ = [
     "ContextLengthError",
+    "DuplexConfig",
+    "DuplexOutput",
+    "DuplexSession",
     "MiniCPMOConfig",
     "MiniCPMOConfigError",
     "MiniCPMOForConditionalGeneration",

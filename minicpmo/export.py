@@ -22,6 +22,9 @@ from .processing.processing_minicpmo import MiniCPMOProcessor
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
 CODE_FOLDERS = ("configuration", "modeling", "processing")
+# Leaf modules at the package root that the code folders import, and the duplex session the model opens.
+EXTRA_CODE_FILES = ("audio_utils.py", "errors.py", "special_tokens.py", "duplex/duplex_config.py",
+                    "duplex/duplex_session.py")
 _RELATIVE_IMPORT = re.compile(r"^(\s*)from \.+(?:[A-Za-z_]\w*\.)*([A-Za-z_]\w*) import ", re.MULTILINE)
 
 MODEL_AUTO_MAP = {
@@ -38,16 +41,20 @@ def flatten_imports(source: str) -> str:
     return _RELATIVE_IMPORT.sub(lambda m: f"{m.group(1)}from .{m.group(2)} import ", source)
 
 
+def _code_files() -> list[Path]:
+    files = [path for folder in CODE_FOLDERS for path in sorted((PACKAGE_ROOT / folder).glob("*.py"))
+             if path.name != "__init__.py"]
+    return files + [PACKAGE_ROOT / name for name in EXTRA_CODE_FILES if (PACKAGE_ROOT / name).exists()]
+
+
 def copy_code_flat(out_dir: Path) -> list[str]:
     written = []
+    for path in _code_files():
+        if path.name in written:
+            raise RuntimeError(f"two code files share the basename {path.name}; the flat export needs unique names")
+        (out_dir / path.name).write_text(flatten_imports(path.read_text()))
+        written.append(path.name)
     for folder in CODE_FOLDERS:
-        for path in sorted((PACKAGE_ROOT / folder).glob("*.py")):
-            if path.name == "__init__.py":
-                continue
-            if path.name in written:
-                raise RuntimeError(f"two code files share the basename {path.name}; the flat export needs unique names")
-            (out_dir / path.name).write_text(flatten_imports(path.read_text()))
-            written.append(path.name)
         for data in (PACKAGE_ROOT / folder).glob("*.json"):
             shutil.copy(data, out_dir / data.name)
     return written

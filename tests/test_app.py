@@ -264,7 +264,7 @@ def test_replay_endpoint_accepts_a_video(client, media):
 
     events, output, summary = client.predict(handle_file(str(media["video"])), "Describe what you see.", "en_dlc",
                                              None, False, api_name="/replay")
-    from minicpmo.duplex_replay import read_recording
+    from minicpmo.duplex.replay import read_recording
 
     audio, frames = read_recording(media["video"])  # the mp4's own audio track (AAC pads it a little)
     assert len(frames) == len(events["data"]) >= 2 and f"{len(frames)} units" in summary

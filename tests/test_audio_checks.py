@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from minicpmo.processing.audio_checks_minicpmo import (
+from minicpmo.audio_utils import (
     AudioDtypeError,
     EmptyAudioError,
     InvalidAudioError,

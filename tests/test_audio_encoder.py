@@ -19,7 +19,7 @@ from minicpmo.modeling.modeling_audio import (  # noqa: E402
     MiniCPMOAudioPositionEmbedding,
     MiniCPMOAudioProjector,
     audio_embeddings_from_features,
-    audio_token_count_from_frames,
+    frames_to_token_count,
     block_causal_attention_mask,
 )
 
@@ -85,11 +85,11 @@ def test_one_second_gives_fifty_frames_and_ten_tokens():
         tokens = projector.project_and_pool(hidden, 5)
     assert hidden.shape == (1, 50, D_MODEL) and mask.shape == (1, 50) and bool(mask.all())
     assert tokens.shape == (1, 10, LLM_HIDDEN)
-    assert audio_token_count_from_frames(100) == 10
-    assert audio_token_count_from_frames(3000) == 300
-    assert audio_token_count_from_frames(37) == 3  # T' = 19 -> 3 full pools
-    assert audio_token_count_from_frames(8) == 0
-    assert audio_token_count_from_frames(torch.tensor([100, 101, 3000])).tolist() == [10, 10, 300]
+    assert frames_to_token_count(100) == 10
+    assert frames_to_token_count(3000) == 300
+    assert frames_to_token_count(37) == 3  # T' = 19 -> 3 full pools
+    assert frames_to_token_count(8) == 0
+    assert frames_to_token_count(torch.tensor([100, 101, 3000])).tolist() == [10, 10, 300]
 
 
 def test_odd_lengths_and_output_mask():

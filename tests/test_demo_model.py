@@ -41,8 +41,8 @@ def test_the_space_serves_the_demo_model_with_its_voice(loaded):
 
 
 def _replayed(loaded, episode_type: str, n: int = 4) -> list[dict]:
-    from minicpmo.duplex_metrics import episode_metrics
-    from minicpmo.duplex_replay import replay
+    from minicpmo.duplex.metrics import episode_metrics
+    from minicpmo.duplex.replay import replay
     from minicpmo.processing.duplex_layout_minicpmo import DEFAULT_DUPLEX_SYSTEM_TEXT
     from minicpmo.synthetic import generate_episodes
 

@@ -13,8 +13,8 @@ USE_THE_MODEL = r"""
 import sys, torch
 import minicpmo
 from minicpmo import MiniCPMOForConditionalGeneration, MiniCPMOProcessor, tiny_config
-from minicpmo.modeling.modeling_duplex import DuplexConfig
-import minicpmo.duplex_replay, minicpmo.eval_duplex, minicpmo.export
+from minicpmo.duplex import DuplexConfig
+import minicpmo.duplex.evaluate, minicpmo.duplex.replay, minicpmo.export
 torch.manual_seed(0)
 model = MiniCPMOForConditionalGeneration(tiny_config()).eval()
 processor = MiniCPMOProcessor.from_defaults()

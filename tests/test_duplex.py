@@ -63,7 +63,7 @@ def test_incremental_decision_logits_equal_a_from_scratch_forward():
                                    listen_bias=-5.0, max_speak_tokens_per_unit=4)
     for chunk, frame in zip(units(3), [None, image(500, 500), None]):
         session.step(chunk, frame)
-    state = session.state
+    state = session.state.llm
     embeds = torch.cat(state.fed_embeds).unsqueeze(0)
     assert embeds.shape[1] == len(state.sequence_ids)
     with torch.no_grad():
@@ -112,19 +112,19 @@ def test_sliding_window_bounds_the_cache_and_keeps_the_system_prompt():
     model = tiny_model()
     session = model.duplex_session(processor(), generate_audio=False, force_listen_count=10**6,
                                    window_high_tokens=120, window_low_tokens=80)
-    system_keys = session.state.cache.layers[0].keys[:, :, : session.state.system_length].clone()
+    system_keys = session.state.llm.cache.layers[0].keys[:, :, : session.state.llm.system_length].clone()
     sizes = []
     for chunk in units(40):
         session.step(chunk)
-        sizes.append(session.state.next_position)
-        assert session.state.cache.get_seq_length() == session.state.next_position
+        sizes.append(session.state.llm.next_position)
+        assert session.state.llm.cache.get_seq_length() == session.state.llm.next_position
     assert max(sizes) <= 120 + 13  # one unit (11 slots + listen + </unit>) above the high watermark at most
     assert sizes[-1] < 120
-    torch.testing.assert_close(session.state.cache.layers[0].keys[:, :, : session.state.system_length], system_keys)
-    bytes_at_20 = cache_nbytes(session.state.cache)
+    torch.testing.assert_close(session.state.llm.cache.layers[0].keys[:, :, : session.state.llm.system_length], system_keys)
+    bytes_at_20 = cache_nbytes(session.state.llm.cache)
     for chunk in units(20, seed=1):
         session.step(chunk)
-    assert cache_nbytes(session.state.cache) <= bytes_at_20 * 1.5
+    assert cache_nbytes(session.state.llm.cache) <= bytes_at_20 * 1.5
     assert session.state.audio_state.cache_resets >= 1  # the Whisper cache restarts every 30 s
 
 
@@ -142,15 +142,15 @@ def test_bad_unit_audio_is_a_typed_error_and_the_session_survives():
 
 
 def test_tail_playback_clock_shrinks_the_text_budget_when_speech_lags():
-    from minicpmo.modeling.modeling_duplex import _speak_budget
+    from minicpmo.duplex.duplex_session import speak_budget
 
     session = tiny_model().duplex_session(processor(), generate_audio=False, max_speak_tokens_per_unit=20,
                                           max_speech_lag_s=1.0)
-    state, runtime = session.state, session.runtime
+    state, config = session.state, session.config
     state.in_turn, state.turn_start_time_s = True, 10.0
     state.speech_emitted_s = 3.0  # 3 s of speech queued after 3 s of turn: in step with the clock
-    assert _speak_budget(runtime, state, now_s=13.0) == 20
+    assert speak_budget(config, state, now_s=13.0) == 20
     state.speech_emitted_s = 4.5  # 1.5 s ahead of the interaction clock
-    assert _speak_budget(runtime, state, now_s=13.0) == 10
+    assert speak_budget(config, state, now_s=13.0) == 10
     state.speech_emitted_s = 6.0  # 3 s ahead: keep the turn open without new text
-    assert _speak_budget(runtime, state, now_s=13.0) == 2
+    assert speak_budget(config, state, now_s=13.0) == 2

@@ -1,4 +1,4 @@
-"""Duplex decoding rule (spec §8, "Loop j = 0..19") on the tiny model, with the logits steered per fed input.
+"""Duplex decoding rule (official §8, "Loop j = 0..19") on the tiny model, with the logits steered per fed input.
 
 The first token of a unit is decoded like every other token: a raw draw that may return `<|chunk_eos|>`, then the
 official forbidden mask (`<|tts_pad|>`, the 6965 `bad_token_ids`, `<|chunk_eos|>`), the repetition divide and the
@@ -15,8 +15,8 @@ import pytest
 import torch
 from helpers import processor, tiny_model, tone
 
-import minicpmo.modeling.modeling_duplex as duplex
-from minicpmo.modeling.modeling_duplex import DuplexConfig, decoding_forbidden_ids
+from minicpmo import DuplexConfig, MiniCPMOForConditionalGeneration
+from minicpmo.processing.duplex_inputs_minicpmo import decoding_forbidden_ids
 from minicpmo.processing import load_bad_token_ids
 from minicpmo.processing.duplex_layout_minicpmo import DuplexTokens
 from minicpmo.voices import load_voice
@@ -36,17 +36,17 @@ def text_ids(text="Hello there friend"):
 def steer(monkeypatch, rule):
     """Raise one id to the top of the logits after each feed: `rule(key)` names it (None: leave the logits as
     they are). `key` is PREFILL after a unit's input embeddings, else the last id just fed."""
-    real_feed = duplex._feed
+    real_feed = MiniCPMOForConditionalGeneration.duplex_feed
 
-    def feed(model, state, input_ids=None, inputs_embeds=None):
-        hidden, logits = real_feed(model, state, input_ids=input_ids, inputs_embeds=inputs_embeds)
+    def feed(model, context, input_ids=None, inputs_embeds=None):
+        hidden, logits = real_feed(model, context, input_ids=input_ids, inputs_embeds=inputs_embeds)
         favoured = rule(PREFILL if input_ids is None else int(input_ids[0, -1]))
         if favoured is not None:
             logits = logits.clone()
             logits[favoured] = logits.max() + MARGIN
         return hidden, logits
 
-    monkeypatch.setattr(duplex, "_feed", feed)
+    monkeypatch.setattr(MiniCPMOForConditionalGeneration, "duplex_feed", feed)
 
 
 def session(**controls):
@@ -98,11 +98,11 @@ def test_a_unit_opened_by_a_text_token_is_a_speaking_unit_without_that_token(mon
     steer(monkeypatch, plan.get)
     conditioned = []
 
-    def speak_unit(model, runtime, state, ids, hidden, turn_start, end_of_turn, timings):
-        conditioned.append((list(ids), len(hidden), turn_start))
-        return None
+    def speak(model, decoded, tts_state, wav_state, tokens, turn_start, do_sample, seed):
+        conditioned.append((list(decoded.text_ids), len(decoded.text_hidden), turn_start))
+        return np.zeros(0, np.float32), tts_state, wav_state, {}
 
-    monkeypatch.setattr(duplex, "_speak_unit", speak_unit)
+    monkeypatch.setattr(MiniCPMOForConditionalGeneration, "duplex_speak", speak)
     live = tiny_model().duplex_session(processor(), ref_audio=load_voice("en_dlc"), force_listen_count=0,
                                        record=True)
     out = live.step(chunks(1)[0])
@@ -187,17 +187,17 @@ def test_a_raw_chunk_eos_ends_the_unit(monkeypatch, sampling):
 
 def test_chunk_eos_only_wins_the_raw_draw(monkeypatch):
     bad = load_bad_token_ids()[3000]
-    real_feed = duplex._feed
+    real_feed = MiniCPMOForConditionalGeneration.duplex_feed
 
-    def feed(model, state, input_ids=None, inputs_embeds=None):
-        hidden, logits = real_feed(model, state, input_ids=input_ids, inputs_embeds=inputs_embeds)
+    def feed(model, context, input_ids=None, inputs_embeds=None):
+        hidden, logits = real_feed(model, context, input_ids=input_ids, inputs_embeds=inputs_embeds)
         logits = logits.clone()
         top = logits.max()
         logits[bad] = top + 2 * MARGIN  # wins the raw draw, then masked
         logits[TOK.chunk_eos] = top + MARGIN  # runner-up of the raw draw: masked too, so it cannot end the unit
         return hidden, logits
 
-    monkeypatch.setattr(duplex, "_feed", feed)
+    monkeypatch.setattr(MiniCPMOForConditionalGeneration, "duplex_feed", feed)
     live = session(max_speak_tokens_per_unit=5)
     out = live.step(chunks(1)[0])
     # Neither of the two top ids is decoded; the budget's forced <|chunk_eos|> is the only terminator.

@@ -1,4 +1,4 @@
-"""python -m minicpmo.duplex_replay: events.jsonl + a time-synchronous output.wav of the input's length."""
+"""python -m minicpmo.duplex.replay: events.jsonl + a time-synchronous output.wav of the input's length."""
 
 import json
 import shutil
@@ -23,7 +23,7 @@ def test_replay_wav_writes_events_and_synchronous_output(exported, tmp_path):
     audio = np.concatenate([tone(2.0, 300), np.zeros(8000, np.float32), tone(1.0, 500)])  # 3.5 s
     soundfile.write(wav_path, audio, 16000)
     out = tmp_path / "out"
-    subprocess.run([sys.executable, "-m", "minicpmo.duplex_replay", str(wav_path), "--model", str(exported),
+    subprocess.run([sys.executable, "-m", "minicpmo.duplex.replay", str(wav_path), "--model", str(exported),
                     "--out", str(out), "--force-listen-count", "1"], check=True)
     events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
     assert [e["unit"] for e in events] == [0, 1, 2, 3]  # ceil(3.5 s) units
@@ -35,7 +35,7 @@ def test_replay_wav_writes_events_and_synchronous_output(exported, tmp_path):
 
 @pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs the ffmpeg binary")
 def test_replay_reads_video_frames_and_audio(exported, tmp_path):
-    from minicpmo.duplex_replay import read_recording
+    from minicpmo.duplex.replay import read_recording
 
     video = tmp_path / "clip.mp4"
     subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "testsrc=size=160x120:rate=10:duration=3",

@@ -149,8 +149,8 @@ def test_training_audio_embeddings_equal_the_live_duplex_session():
                                    force_listen_count=10**6, record=True)
     for k in range(7):
         assert session.step(audio[k * SR : (k + 1) * SR]).is_listen
-    state = session.state
-    assert state.audio_state.cache_resets == 2
+    state = session.state.llm
+    assert session.state.audio_state.cache_resets == 2
     assert state.sequence_ids == serialized.input_ids.tolist()
     # fed: system prefix, then per unit its prefill (<unit> + 10 slots) and its closing [<|listen|>, </unit>]
     assert len(state.fed_embeds) == 1 + 2 * 7

@@ -7,7 +7,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 
-from minicpmo import duplex_metrics as dm  # noqa: E402
+from minicpmo.duplex import metrics as dm  # noqa: E402
 from minicpmo.synthetic import espeak_available  # noqa: E402
 
 
@@ -188,7 +188,7 @@ def test_oracle_is_perfect_on_generated_heldout_episodes():
 
 
 def test_evaluate_rejects_an_empty_set_and_a_bad_plot_index():
-    from minicpmo.eval_duplex import EvaluationError, evaluate, pick_plot_episode
+    from minicpmo.duplex.evaluate import EvaluationError, evaluate, pick_plot_episode
 
     with pytest.raises(EvaluationError, match="at least one episode"):
         evaluate(None, None, [])
@@ -198,7 +198,7 @@ def test_evaluate_rejects_an_empty_set_and_a_bad_plot_index():
 
 @needs_espeak
 def test_cli_writes_report_and_timeline(tmp_path, capsys):
-    from minicpmo.eval_duplex import main
+    from minicpmo.duplex.evaluate import main
     from minicpmo.export import main as export_main
 
     model_dir, out = tmp_path / "tiny", tmp_path / "eval"

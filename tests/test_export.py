@@ -22,6 +22,7 @@ LOAD_WITHOUT_PACKAGE = textwrap.dedent(
     from transformers import AutoModel, AutoProcessor
 
     folder, inputs_path, out_path = sys.argv[1:4]
+    DUPLEX_CONTROLS = dict(generate_audio=False, force_listen_count=0, listen_bias=-1e9, max_speak_tokens_per_unit=4)
     model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
     assert "minicpmo" not in type(model).__module__.split(".")[0]
@@ -34,8 +35,10 @@ LOAD_WITHOUT_PACKAGE = textwrap.dedent(
     voice = model.prepare_voice(media["audio"].numpy())
     torch.manual_seed(0)
     wav = model.token2wav.synthesize(torch.arange(100, 160), voice)
+    session = model.duplex_session(processor, **DUPLEX_CONTROLS)  # the flat duplex session files came along
+    duplex = [session.step(media["audio"].numpy()[:16000]).token_ids for _ in range(2)]
     torch.save({"logits": logits, "input_ids": inputs["input_ids"], "module": type(model).__module__,
-                "wav": wav}, out_path)
+                "wav": wav, "duplex": duplex}, out_path)
     """
 )
 
@@ -97,6 +100,10 @@ def test_trust_remote_code_load_matches_in_package_model(exported, tmp_path):
     torch.manual_seed(0)
     local_wav = model.token2wav.synthesize(torch.arange(100, 160), model.prepare_voice(audio))
     torch.testing.assert_close(remote["wav"], local_wav, rtol=0, atol=0)
+    session = model.duplex_session(processor, generate_audio=False, force_listen_count=0, listen_bias=-1e9,
+                                   max_speak_tokens_per_unit=4)
+    local_duplex = [session.step(audio[:16000]).token_ids for _ in range(2)]
+    assert remote["duplex"] == local_duplex and len(local_duplex[0]) == 4  # speaking units, decoded the same
 
 
 def test_reexport_from_checkpoint_keeps_weights(exported, tmp_path):

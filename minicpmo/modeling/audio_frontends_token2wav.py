@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..processing.audio_checks_minicpmo import InvalidAudioError, mono_waveform
+from ..audio_utils import InvalidAudioError, mono_waveform
 
 try:  # torchaudio is a pinned dependency; keep the import failure readable if it is missing.
     import torchaudio.compliance.kaldi as _kaldi

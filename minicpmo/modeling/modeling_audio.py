@@ -34,6 +34,7 @@ from transformers import initialization as init
 from transformers.cache_utils import DynamicCache
 from transformers.models.whisper.modeling_whisper import WhisperEncoderLayer, sinusoids
 
+from ..audio_utils import encoder_frames_from_mel_frames, frames_to_token_count  # noqa: F401 (re-exported)
 from .modeling_projector import MultiModalProjector
 
 
@@ -54,18 +55,6 @@ class AudioTooLongError(AudioInputError):
 
 class AudioStreamError(AudioInputError):
     """A streaming chunk that cannot continue the given stream state."""
-
-
-def encoder_frames_from_mel_frames(mel_frames):
-    """Encoder frames after the stride-2 conv: T' = (T - 1) // 2 + 1 (works on ints and integer tensors)."""
-    return (mel_frames - 1) // 2 + 1
-
-
-def audio_token_count_from_frames(mel_frames, pool_step: int = 5):
-    """LLM tokens for `mel_frames` mel frames: ((T' - pool) // pool) + 1 with T' = (T - 1) // 2 + 1; 1 s -> 10."""
-    encoder_frames = encoder_frames_from_mel_frames(mel_frames)
-    count = (encoder_frames - pool_step) // pool_step + 1
-    return count.clamp(min=0) if isinstance(count, torch.Tensor) else max(count, 0)
 
 
 def block_causal_attention_mask(
@@ -318,13 +307,13 @@ def audio_embeddings_from_features(
     chunk_frames: int | None = None,
 ) -> list[torch.Tensor]:
     """Offline path for N right-padded pieces [N, mel_bins, T] -> N tensors [n_i, out_dim] of real tokens only,
-    n_i = audio_token_count_from_frames(real mel frames of piece i)."""
+    n_i = frames_to_token_count(real mel frames of piece i)."""
     hidden, _ = encoder(input_features, input_features_mask, chunk_frames=chunk_frames)
     if input_features_mask is None:
         mel_lengths = [input_features.shape[-1]] * input_features.shape[0]
     else:
         mel_lengths = input_features_mask.bool().sum(-1).tolist()
-    token_counts = [audio_token_count_from_frames(int(length), pool_step) for length in mel_lengths]
+    token_counts = [frames_to_token_count(int(length), pool_step) for length in mel_lengths]
     if min(token_counts) == 0:
         raise AudioInputError(
             f"every audio piece needs at least {2 * pool_step - 1} mel frames for one token, got lengths {mel_lengths}"

@@ -32,13 +32,14 @@ from .modeling_audio import (
     AudioStreamError,
     MiniCPMOAudioEncoder,
     MiniCPMOAudioProjector,
-    encoder_frames_from_mel_frames,
 )
-
-
-UNIT_CORE_MEL_FRAMES = 100  # 1 s of mel at 100 frames/s
-UNIT_REDUNDANCY_MEL_FRAMES = 2  # official prefix/suffix_extra_frames in duplex mode (cnn_redundancy_ms 20)
-UNIT_ENCODER_FRAMES = 50
+from ..audio_utils import (  # noqa: F401 (re-exported)
+    UNIT_CORE_MEL_FRAMES,
+    UNIT_ENCODER_FRAMES,
+    UNIT_REDUNDANCY_MEL_FRAMES,
+    needs_cache_reset,
+)
+from ..audio_utils import expected_unit_mel_frames as _unit_mel_frames
 
 
 @dataclass(frozen=True)
@@ -64,14 +65,8 @@ class DuplexAudioEncoderState:
 
 
 def expected_unit_mel_frames(state: DuplexAudioEncoderState) -> int:
-    """Mel frames of the next unit: 100 core + 2 right redundancy, + 2 left redundancy after the first unit."""
-    left = 0 if state.is_first_unit else UNIT_REDUNDANCY_MEL_FRAMES
-    return left + UNIT_CORE_MEL_FRAMES + UNIT_REDUNDANCY_MEL_FRAMES
-
-
-def needs_cache_reset(cached_frames: int, unit_mel_frames: int, max_source_positions: int) -> bool:
-    """Official rule: empty a non-empty cache when cache + the unit's pre-crop conv frames reaches the table size."""
-    return cached_frames > 0 and cached_frames + encoder_frames_from_mel_frames(unit_mel_frames) >= max_source_positions
+    """Mel frames of the next unit for this stream state (see `audio_utils.expected_unit_mel_frames`)."""
+    return _unit_mel_frames(state.is_first_unit)
 
 
 def encode_unit(

@@ -77,7 +77,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from ..processing.audio_checks_minicpmo import (  # noqa: F401 (audio error types re-exported with the tokenizer)
+from ..audio_utils import (  # noqa: F401 (audio error types re-exported with the tokenizer)
     AudioDtypeError,
     EmptyAudioError,
     MultiChannelAudioError,

@@ -40,7 +40,7 @@ from torch import nn
 
 from transformers import initialization as init
 
-from ..processing.audio_checks_minicpmo import mono_waveform
+from ..audio_utils import mono_waveform
 from .audio_frontends_token2wav import (
     FBANK_SAMPLE_RATE,
     PROMPT_MEL_BINS,

@@ -44,8 +44,7 @@ import torch
 from PIL import Image
 from transformers.feature_extraction_utils import BatchFeature
 
-from ..modeling.modeling_audio import encoder_frames_from_mel_frames
-from ..modeling.modeling_duplex_audio import needs_cache_reset
+from ..audio_utils import encoder_frames_from_mel_frames, needs_cache_reset
 from .duplex_layout_minicpmo import (
     DEFAULT_DUPLEX_SYSTEM_TEXT,
     IMAGE_SLOTS_PER_FRAME,

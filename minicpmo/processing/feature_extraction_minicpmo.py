@@ -8,29 +8,31 @@ ceil(samples/160) frames. Pieces of all waveforms are stacked, zero padded to th
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
 from transformers import WhisperFeatureExtractor
 from transformers.feature_extraction_utils import BatchFeature
 
-from .audio_checks_minicpmo import InvalidAudioError, MultiChannelAudioError, mono_waveform  # noqa: F401 (re-exported)
+from ..audio_utils import (  # noqa: F401 (re-exported: the processor's audio errors and formulas)
+    AUDIO_POOL_STEP,
+    INPUT_SAMPLE_RATE,
+    MEL_HOP_LENGTH,
+    InvalidAudioError,
+    MultiChannelAudioError,
+    frames_to_token_count,
+    mono_waveform,
+    validate_waveform,
+)
+from ..errors import AudioInputError
 
 
-SAMPLING_RATE = 16000
-HOP_LENGTH = 160
+SAMPLING_RATE = INPUT_SAMPLE_RATE
+HOP_LENGTH = MEL_HOP_LENGTH
 PIECE_SECONDS = 30
-AUDIO_POOL_STEP = 5
 
 
-class UnsupportedSamplingRateError(ValueError):
+class UnsupportedSamplingRateError(AudioInputError):
     """Audio given at a rate other than 16 kHz; resample it first (e.g. torchaudio.functional.resample)."""
-
-
-def frames_to_token_count(num_frames: int, pool_step: int = AUDIO_POOL_STEP) -> int:
-    """Tokens produced by the audio encoder for `num_frames` mel frames: stride-2 conv, then pooling."""
-    encoder_frames = (num_frames - 1) // 2 + 1
-    return max((encoder_frames - pool_step) // pool_step + 1, 0)
 
 
 def split_into_pieces(num_samples: int, piece_samples: int = PIECE_SECONDS * SAMPLING_RATE) -> list[tuple[int, int]]:
@@ -47,11 +49,6 @@ def audio_token_count(num_samples: int, pool_step: int = AUDIO_POOL_STEP) -> int
         frames_to_token_count(math.ceil((end - start) / HOP_LENGTH), pool_step)
         for start, end in split_into_pieces(int(num_samples))
     )
-
-
-def validate_waveform(waveform: Any, name: str = "audio") -> np.ndarray:
-    """Return a float32 mono 1-D numpy copy of `waveform` or raise a typed error that names the problem."""
-    return mono_waveform(waveform, name).cpu().numpy().copy()
 
 
 class MiniCPMOFeatureExtractor(WhisperFeatureExtractor):

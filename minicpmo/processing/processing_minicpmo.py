@@ -25,6 +25,7 @@ from .chat_template_minicpmo import (
     UnsupportedContentTypeError,
     messages_have_audio,
 )
+from .duplex_inputs_minicpmo import DuplexInputsMixin
 from .feature_extraction_minicpmo import MiniCPMOFeatureExtractor, UnsupportedSamplingRateError, validate_waveform
 from .image_processing_minicpmo import MiniCPMOImageProcessor
 from .media_loading_minicpmo import MediaLoadingError, expand_video_items, load_audio, load_image
@@ -92,7 +93,7 @@ def _stack_strips(strips: list[np.ndarray]) -> np.ndarray:
     return pixel_values
 
 
-class MiniCPMOProcessor(ProcessorMixin):
+class MiniCPMOProcessor(DuplexInputsMixin, ProcessorMixin):
     """Turns MiniCPM-o prompts (or chat messages) plus images and 16 kHz audio into model inputs.
 
     Output keys: `input_ids`, `attention_mask` (left padded with `<|endoftext|>`), and when present
@@ -168,10 +169,25 @@ class MiniCPMOProcessor(ProcessorMixin):
     ) -> BatchFeature:
         """Expand the media patterns of `text`, tokenize, left-pad and stack pixels and audio features.
 
-        `images` / `audio`: one list per sample or a flat list in order of appearance. Images: PIL, arrays or
-        local paths; audio: 16 kHz mono arrays or local audio files (resampled on load). `ref_audio`: the voice to
-        speak with (16 kHz mono), handed through as the `ref_audio` output for `generate(..., return_audio=True)`;
-        apply_chat_template passes the audio of the system message here.
+        Args:
+            text: one prompt or a batch; `<image>./</image>` and `<audio>./</audio>` mark where media go.
+            images: one list per sample or a flat list in order of appearance (PIL images, arrays, local paths).
+            audio: likewise; 16 kHz mono arrays or local audio files (resampled on load).
+            max_slice_nums / use_image_id: image slicing (default: the image processor's, 9 slices, ids on).
+            return_tensors: "pt" for tensors, None for lists.
+            videos: video files or frame lists, expanded into 1-fps frames + 1-s audio (chat template layout).
+            sampling_rate: the rate of array audio (must be 16000; files are resampled).
+            max_length: raise PromptTooLongError beyond this many ids instead of truncating.
+            padding_side: "left" (generation) or "right" (training).
+            add_special_tokens: passed to the tokenizer (MiniCPM-o prompts carry their own).
+            ref_audio: the voice to speak with (16 kHz mono), handed through as the `ref_audio` output for
+                `generate(..., return_audio=True)`; apply_chat_template passes the audio of the system message here.
+
+        Returns:
+            BatchFeature with `input_ids`, `attention_mask`, and when present `pixel_values` [N_slices, 3, 14,
+            L_max*14], `tgt_sizes` [N_slices, 2], `input_features` [N_pieces, 80, T_max], `input_features_mask`
+            [N_pieces, T_max], `ref_audio`. Mismatched media counts raise PlaceholderCountMismatchError; bad audio
+            raises InvalidAudioError (or a subclass) naming the item.
         """
         for group in _FORWARDED_KWARG_GROUPS:  # nested kwargs that ProcessorMixin.apply_chat_template may pass
             for key, value in (kwargs.pop(group, None) or {}).items():
@@ -308,9 +324,19 @@ class MiniCPMOProcessor(ProcessorMixin):
     def apply_chat_template(self, conversation, chat_template: str | None = None, **kwargs):
         """transformers' `apply_chat_template`, with video items expanded into 1-fps frames + 1-s audio.
 
-        Template switches: `enable_thinking` (default False: "<think>\\n\\n</think>\\n\\n" is appended),
-        `use_tts_template` (append "<|tts_bos|>"), `omni_mode` (join items with ""; on by default with videos).
-        With `tokenize=True`, processor options go in `processor_kwargs` (e.g. `{"max_slice_nums": 1}`).
+        Args:
+            conversation: a list of messages (or a batch of lists); content is a string or a list of
+                {"type": "text" | "image" | "audio" | "video", ...} items.
+            chat_template: another Jinja template (default: the official MiniCPM-o 4.5 one).
+            **kwargs: transformers' options (`tokenize`, `return_dict`, `add_generation_prompt`, `return_tensors`,
+                `processor_kwargs` such as `{"max_slice_nums": 1}` with `tokenize=True`) and the template switches:
+                `enable_thinking` (default False: "<think>\\n\\n</think>\\n\\n" is appended), `use_tts_template`
+                (append "<|tts_bos|>"; on whenever any message holds audio, as the official chat()), `omni_mode`
+                (join items with ""; on by default with videos). Explicit values are kept.
+
+        Returns:
+            The prompt string(s), or with `tokenize=True, return_dict=True` the processor's BatchFeature (see
+            `__call__`).
         """
         is_batched = isinstance(conversation, (list, tuple)) and bool(conversation) and (
             isinstance(conversation[0], (list, tuple)) or hasattr(conversation[0], "messages")

@@ -216,16 +216,22 @@ class StreamingMelProcessor:
 
     # --- streaming -------------------------------------------------------------------------------------------
     def step(
-        self, samples_16k: Any, state: StreamingMelState | None = None, sampling_rate: int = SAMPLING_RATE
+        self,
+        samples_16k: Any,
+        state: StreamingMelState | None = None,
+        sampling_rate: int = SAMPLING_RATE,
+        checked: bool = False,
     ) -> tuple[torch.Tensor | None, StreamingMelState]:
         """Take new 16 kHz mono samples (any length; empty = none) -> ([1, n_mels, frames] float32 or None, state).
 
         At most one chunk is processed per call (the duplex cadence: one call per 1-s unit); samples beyond it stay
         in `state.pending` for the next call. Returns None while the buffer lacks the next chunk or its stable
         frames. Bad audio raises InvalidAudioError / MultiChannelAudioError / UnsupportedSamplingRateError.
+        `checked=True`: the caller passes a float32 1-D CPU tensor it has already validated (the processor's
+        `duplex_unit`), so the waveform is checked once.
         """
         state = self.initial_state() if state is None else state
-        new_samples = self._as_samples(samples_16k, sampling_rate)
+        new_samples = samples_16k if checked else self._as_samples(samples_16k, sampling_rate)
         pending = torch.cat([state.pending, new_samples])
         if state.is_first_chunk and self.pad_first_chunk and new_samples.numel() > 0:
             missing = self.first_chunk_pad_samples - pending.shape[0]

@@ -174,9 +174,7 @@ class LiveSession:
                 self.outputs.put(LiveUpdate(error=message))
                 self.close(message)
                 return
-            event = UnitEvent(unit=out.unit_index, time_s=out.time_s, action="listen" if out.is_listen else "speak",
-                              text=out.text, end_of_turn=out.end_of_turn, interrupted=out.interrupted,
-                              step_s=elapsed)
+            event = UnitEvent(**out.as_event(timings=False), step_s=elapsed)
             self.events.append(event)
             self.stats.units_done += 1
             self.stats.last_step_s = elapsed

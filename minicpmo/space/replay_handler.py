@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from minicpmo.duplex_replay import OUTPUT_RATE, read_recording, replay
+from minicpmo.duplex.replay import OUTPUT_RATE, read_recording, replay
 
 from .model_loading import LoadedModel
 from .settings import SpaceSettings

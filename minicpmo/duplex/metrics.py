@@ -1,6 +1,6 @@
 """Duplex behaviour metrics over per-unit events and synthetic ground truth (Full-Duplex-Bench style).
 
-Pure functions: no model, no audio. `events` are the per-unit dicts of `minicpmo.duplex_replay.replay`
+Pure functions: no model, no audio. `events` are the per-unit dicts of `minicpmo.duplex.replay.replay`
 (`unit`, `time_s` = start of the unit, `action` "listen" | "speak", `text`, `end_of_turn`); `ground_truth` is
 `Episode.ground_truth` from `minicpmo.synthetic`.
 
@@ -45,7 +45,7 @@ import re
 import statistics
 from dataclasses import asdict, dataclass
 
-from minicpmo.synthetic.scenes import COLOURS, NUMBER_WORDS
+from ..synthetic.scenes import COLOURS, NUMBER_WORDS
 
 
 class MetricInputError(ValueError):

@@ -1,5 +1,10 @@
-"""One check for every waveform the package takes in (features, streaming mel, duplex units, token2wav voice
-prompts, the S3 speech tokenizer), so the same bad input gets the same typed error and message everywhere."""
+"""What processing/ and modeling/ both need about audio, in one leaf module (it imports neither).
+
+* One check for every waveform the package takes in (features, streaming mel, duplex units, token2wav voice
+  prompts, the S3 speech tokenizer), so the same bad input gets the same typed error and message everywhere.
+* The sample rates and the frame / token-count formulas that tie a waveform to its audio slots: the processor
+  uses them to lay out placeholders, the encoder to produce exactly that many embeddings.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,17 @@ from typing import Any
 
 import numpy as np
 import torch
+
+
+INPUT_SAMPLE_RATE = 16000  # what the audio encoder, the S3 tokenizer and duplex units take
+OUTPUT_SAMPLE_RATE = 24000  # what token2wav speaks
+MEL_HOP_LENGTH = 160  # 100 mel frames per second at 16 kHz
+AUDIO_POOL_STEP = 5  # encoder frames averaged into one LLM audio token
+
+# One duplex unit of mel (official duplex mode, cnn_redundancy_ms 20)
+UNIT_CORE_MEL_FRAMES = 100  # 1 s of mel
+UNIT_REDUNDANCY_MEL_FRAMES = 2  # per side; none on the left of the first unit
+UNIT_ENCODER_FRAMES = 50
 
 
 class InvalidAudioError(ValueError):
@@ -58,6 +74,35 @@ def mono_waveform(waveform: Any, name: str = "audio") -> torch.Tensor:
     return tensor
 
 
+def validate_waveform(waveform: Any, name: str = "audio") -> np.ndarray:
+    """Return a float32 mono 1-D numpy copy of `waveform` or raise a typed error that names the problem."""
+    return mono_waveform(waveform, name).cpu().numpy().copy()
+
+
+def encoder_frames_from_mel_frames(mel_frames):
+    """Encoder frames after the stride-2 conv: T' = (T - 1) // 2 + 1 (works on ints and integer tensors)."""
+    return (mel_frames - 1) // 2 + 1
+
+
+def frames_to_token_count(mel_frames, pool_step: int = AUDIO_POOL_STEP):
+    """LLM audio tokens for `mel_frames` mel frames: ((T' - pool) // pool) + 1 with T' = (T - 1) // 2 + 1, at least 0.
+
+    Works on ints and integer tensors; 1 s (100 frames) -> 10 tokens."""
+    count = (encoder_frames_from_mel_frames(mel_frames) - pool_step) // pool_step + 1
+    return count.clamp(min=0) if isinstance(count, torch.Tensor) else max(count, 0)
+
+
+def expected_unit_mel_frames(is_first_unit: bool) -> int:
+    """Mel frames of a duplex unit: 100 core + 2 right redundancy, + 2 left redundancy after the first unit."""
+    left = 0 if is_first_unit else UNIT_REDUNDANCY_MEL_FRAMES
+    return left + UNIT_CORE_MEL_FRAMES + UNIT_REDUNDANCY_MEL_FRAMES
+
+
+def needs_cache_reset(cached_frames: int, unit_mel_frames: int, max_source_positions: int) -> bool:
+    """Official rule: empty a non-empty cache when cache + the unit's pre-crop conv frames reaches the table size."""
+    return cached_frames > 0 and cached_frames + encoder_frames_from_mel_frames(unit_mel_frames) >= max_source_positions
+
+
 def _tensor_from_numpy(array: np.ndarray, name: str) -> torch.Tensor:
     if array.dtype.kind == "f":
         return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
@@ -81,10 +126,22 @@ def _dtype_error(dtype_name: str, name: str) -> AudioDtypeError:
 
 
 __all__ = [
+    "AUDIO_POOL_STEP",
+    "INPUT_SAMPLE_RATE",
+    "MEL_HOP_LENGTH",
+    "OUTPUT_SAMPLE_RATE",
+    "UNIT_CORE_MEL_FRAMES",
+    "UNIT_ENCODER_FRAMES",
+    "UNIT_REDUNDANCY_MEL_FRAMES",
     "AudioDtypeError",
     "EmptyAudioError",
     "InvalidAudioError",
     "MultiChannelAudioError",
     "NonFiniteAudioError",
+    "encoder_frames_from_mel_frames",
+    "expected_unit_mel_frames",
+    "frames_to_token_count",
     "mono_waveform",
+    "needs_cache_reset",
+    "validate_waveform",
 ]
