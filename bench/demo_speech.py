@@ -27,7 +27,8 @@ def main() -> None:
     from finetune.speech_corpus import assistant_reference_clip, heldout_sentences, make_clip
     from finetune.train_token2wav import evaluate_resynthesis
     from minicpmo import MiniCPMOForConditionalGeneration
-    from minicpmo.modeling.modeling_token2wav import MiniCPMOToken2Wav, Token2WavConfig
+    from minicpmo.configuration.configuration_token2wav import Token2WavConfig
+    from minicpmo.modeling.modeling_token2wav import MiniCPMOToken2Wav
     from minicpmo.synthetic.episodes import ASSISTANT_VOICE
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

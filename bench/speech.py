@@ -17,7 +17,9 @@ import torch
 
 from minicpmo import MiniCPMOForConditionalGeneration, MiniCPMOProcessor, official_config, tiny_config
 from minicpmo.modeling.modeling_speech_decoder import MiniCPMOSpeechDecoder, SpeechSamplingConfig
-from minicpmo.modeling.modeling_token2wav import MiniCPMOToken2Wav, Token2WavConfig
+from minicpmo.configuration.configuration_presets import tiny_token2wav_config
+from minicpmo.configuration.configuration_token2wav import Token2WavConfig
+from minicpmo.modeling.modeling_token2wav import MiniCPMOToken2Wav
 from minicpmo.voices import load_voice
 
 
@@ -82,7 +84,7 @@ def main():
              "|---|---|---|---|---|---|"]
     for size in args.sizes:
         tts_config = tiny_config().tts_config if size == "tiny" else official_config().tts_config
-        t2w_config = Token2WavConfig.tiny() if size == "tiny" else Token2WavConfig()
+        t2w_config = tiny_token2wav_config() if size == "tiny" else Token2WavConfig()
         codes_per_s = bench_decoder(tts_config)
         for steps, (offline, streaming, first) in bench_token2wav(t2w_config, voice).items():
             lines.append(f"| {size} | {codes_per_s:.1f} | {steps} | {offline:.3f} | {streaming:.3f} | {first:.3f} |")

@@ -26,6 +26,8 @@ from typing import Any
 
 import yaml
 
+from minicpmo.errors import ConfigError
+
 TOP_LEVEL_KEYS = (
     "model", "processor", "dtype", "data", "collator", "preset", "lora", "sft", "merge_adapter", "seed",
     "speech_loss_weight", "text_loss_weight", "labelled_logits_only",
@@ -33,7 +35,7 @@ TOP_LEVEL_KEYS = (
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-class RecipeError(ValueError):
+class RecipeError(ConfigError):
     """A recipe file with a missing, unknown or wrongly typed entry."""
 
 

@@ -13,12 +13,14 @@ import os
 from pathlib import Path
 from typing import Any
 
+from minicpmo.errors import DataFormatError
+
 ROLES = ("system", "user", "assistant", "tool")
 MEDIA_KEYS = {"image": ("image", "path"), "audio": ("audio", "path"), "video": ("video", "frames", "path")}
 CONTENT_TYPES = ("text", "image", "audio", "video")
 
 
-class ConversationFormatError(ValueError):
+class ConversationFormatError(DataFormatError):
     """A training row that does not follow the chat data format (names the row and the problem)."""
 
 

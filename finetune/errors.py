@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from minicpmo.errors import ConfigError
 
-class CollatorConfigError(ValueError):
+
+class CollatorConfigError(ConfigError):
     """Unknown collator name or options, or a row the chosen collator cannot take."""
 
 

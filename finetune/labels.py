@@ -15,6 +15,7 @@ import torch
 
 # The label ignore index of the package's duplex serializer (torch / transformers losses skip it): one value for
 # every label tensor the collators build.
+from minicpmo.errors import DataFormatError
 from minicpmo.processing.duplex_serializer_minicpmo import IGNORE_INDEX
 from minicpmo.processing.tokenization_minicpmo import MiniCPMOSpecialTokens
 
@@ -22,7 +23,7 @@ _token = MiniCPMOSpecialTokens.token_string
 EMPTY_THINK_TEXT = f"{_token('think_start')}\n\n{_token('think_end')}\n\n"
 
 
-class LabelMaskError(ValueError):
+class LabelMaskError(DataFormatError):
     """The tokenized conversation does not show the assistant turns the messages promise."""
 
 

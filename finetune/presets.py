@@ -15,6 +15,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from minicpmo.errors import ConfigError
+
 LLM_LINEAR_REGEX = (
     r"(?:.*\.)?language_model\.layers\.\d+\.(?:self_attn\.(?:q|k|v|o)_proj|mlp\.(?:gate|up|down)_proj)"
 )
@@ -26,7 +28,7 @@ SPEECH_DECODER_PARAMETERS = r"(?:.*\.)?tts\..*"
 ALL_PARAMETERS = r".*"
 
 
-class PresetError(ValueError):
+class PresetError(ConfigError):
     """Unknown preset, or a preset that needs a module this model does not have."""
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from minicpmo.errors import DataFormatError
 from minicpmo.synthetic.dataset import TRAIN_VOICE_NAMES, USER_SPEEDS
 from minicpmo.synthetic.episodes import ACKNOWLEDGEMENTS, ASSISTANT_VOICE, CHITCHAT_LINES, WATCH_ACKNOWLEDGEMENTS
 from minicpmo.synthetic.scenes import COLOURS, NUMBER_WORDS, SHAPES
@@ -25,7 +26,7 @@ REFERENCE_TEXT = "Okay, I will keep an eye on it."  # the assistant voice refere
 EDGE_SILENCE_S = 0.12  # silence added before and after each clip: the flow learns what silence codes sound like
 
 
-class SpeechClipError(ValueError):
+class SpeechClipError(DataFormatError):
     """A training clip is unusable: empty, not 1-D float audio, wrong sample rate, or bad phonemes."""
 
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from minicpmo.errors import DataFormatError
 from minicpmo.processing.duplex_serializer_minicpmo import SPEECH_CODEBOOK_SIZE
 from minicpmo.processing.media_loading_minicpmo import load_audio
 
@@ -43,7 +44,7 @@ SPEECH_KEYS = (
 )
 
 
-class SpeechTargetError(ValueError):
+class SpeechTargetError(DataFormatError):
     """A speech target that cannot be used (no codes and no audio, codes out of range, span not found...)."""
 
 

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minicpmo.errors import TrainingError
 from minicpmo.modeling.modeling_speech_tokenizer import S3_SILENCE_CODE, S3SpeechTokenizer, log_mel_128
 
 from .budgeted_loop import BudgetedLoop
@@ -36,7 +37,7 @@ MEL_FRAMES_PER_CODE = 4
 SILENCE_PEAK = 0.005  # a code step whose samples all stay below this is silence (clips peak at 0.5)
 
 
-class TokenizerTrainingError(TypeError):
+class TokenizerTrainingError(TrainingError, TypeError):
     """The tokenizer handed to the recipe cannot be trained as is (wrong type or dtype)."""
 
 
@@ -244,7 +245,8 @@ def load_token2wav(out_dir: str):
     """Inverse of :func:`save_token2wav` (strict)."""
     from safetensors.torch import load_file
 
-    from minicpmo.modeling.modeling_token2wav import MiniCPMOToken2Wav, Token2WavConfig
+    from minicpmo.configuration.configuration_token2wav import Token2WavConfig
+    from minicpmo.modeling.modeling_token2wav import MiniCPMOToken2Wav
 
     with open(os.path.join(out_dir, "token2wav_config.json")) as handle:
         config = Token2WavConfig.from_dict(json.load(handle))
@@ -254,7 +256,8 @@ def load_token2wav(out_dir: str):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from minicpmo.modeling.modeling_token2wav import MiniCPMOToken2Wav, Token2WavConfig
+    from minicpmo.configuration.configuration_presets import demo_token2wav_config
+    from minicpmo.modeling.modeling_token2wav import MiniCPMOToken2Wav
 
     from .speech_corpus import heldout_sentences, make_clip
     from minicpmo.synthetic.episodes import ASSISTANT_VOICE
@@ -268,7 +271,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    token2wav = MiniCPMOToken2Wav(Token2WavConfig.demo())
+    token2wav = MiniCPMOToken2Wav(demo_token2wav_config())
     clips = build_speech_corpus(args.clips, seed=args.seed, log=print)
     eval_clips = [make_clip(text, ASSISTANT_VOICE) for text in heldout_sentences(seed=args.seed)]
     metrics = train_speech_tokenizer(

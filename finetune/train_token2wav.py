@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minicpmo.errors import TrainingError
 from minicpmo.modeling.audio_frontends_token2wav import fit_prompt_mel, kaldi_fbank_16k, prompt_mel_24k
 from minicpmo.modeling.modeling_hift import HiFTVocoder
 from minicpmo.modeling.modeling_token2wav import MiniCPMOToken2Wav
@@ -49,7 +50,7 @@ SPEAKER_FRAMES = 100  # fbank frames (1 s) of the reference clip that CAMPPlus s
 FLOW_SIGMA_MIN = 1e-6
 
 
-class Token2WavTrainingError(TypeError):
+class Token2WavTrainingError(TrainingError, TypeError):
     """The module handed to a token2wav recipe cannot be trained as is (wrong type, dtype, missing parts)."""
 
 
@@ -438,7 +439,7 @@ def evaluate_resynthesis(
 
 # ---------------------------------------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> dict:
-    from minicpmo.modeling.modeling_token2wav import Token2WavConfig
+    from minicpmo.configuration.configuration_presets import demo_token2wav_config
     from minicpmo.synthetic.episodes import ASSISTANT_VOICE
 
     from .speech_corpus import assistant_reference_clip, build_speech_corpus, heldout_sentences, make_clip
@@ -466,12 +467,12 @@ def main(argv: list[str] | None = None) -> dict:
     heldout = [make_clip(text, ASSISTANT_VOICE) for text in heldout_sentences(seed=args.seed)]
     reference = assistant_reference_clip()
     print(f"corpus: {len(clips)} clips, {sum(c.duration_s for c in clips) / 60:.1f} min ({time.monotonic() - t0:.0f}s)")
-    untrained = MiniCPMOToken2Wav(Token2WavConfig.demo()).eval()
+    untrained = MiniCPMOToken2Wav(demo_token2wav_config()).eval()
     metrics: dict = {}
     if args.init:
         token2wav = load_token2wav(args.init)
     else:
-        token2wav = MiniCPMOToken2Wav(Token2WavConfig.demo())
+        token2wav = MiniCPMOToken2Wav(demo_token2wav_config())
         untrained.load_state_dict(token2wav.state_dict())
         metrics["tokenizer"] = train_speech_tokenizer(
             token2wav.speech_tokenizer, clips, args.tokenizer_minutes * 60, seed=args.seed, eval_clips=heldout

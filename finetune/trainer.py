@@ -24,11 +24,13 @@ from __future__ import annotations
 import torch
 from trl import SFTTrainer
 
+from minicpmo.errors import TrainingError
+
 from .labels import IGNORE_INDEX
 from .speech_targets import SPEECH_KEYS, speech_sequences
 
 
-class SpeechTrainingError(ValueError):
+class SpeechTrainingError(TrainingError):
     """Speech targets in a batch for a model that cannot use them (no speech decoder, no backbone)."""
 
 

@@ -21,8 +21,22 @@ from .configuration.configuration_minicpmo import (
 )
 from .configuration.configuration_presets import demo_config, official_config, tiny_config
 from .duplex import DuplexConfig, DuplexOutput, DuplexSession
-from .modeling.modeling_minicpmo import (
+from .errors import (
+    AudioInputError,
+    CheckpointError,
+    ConfigError,
     ContextLengthError,
+    DataFormatError,
+    DuplexError,
+    ImageInputError,
+    MiniCPMOError,
+    PromptError,
+    SpaceError,
+    SpeechOutputError,
+    SyntheticDataError,
+    TrainingError,
+)
+from .modeling.modeling_minicpmo import (
     MiniCPMOForConditionalGeneration,
     MiniCPMOModel,
     MiniCPMOPreTrainedModel,
@@ -38,7 +52,19 @@ AutoProcessor.register(MiniCPMOConfig, MiniCPMOProcessor, exist_ok=True)
 AutoTokenizer.register(MiniCPMOConfig, fast_tokenizer_class=MiniCPMOTokenizerFast, exist_ok=True)
 
 __all__ = [
+    "AudioInputError",
+    "CheckpointError",
+    "ConfigError",
     "ContextLengthError",
+    "DataFormatError",
+    "DuplexError",
+    "ImageInputError",
+    "MiniCPMOError",
+    "PromptError",
+    "SpaceError",
+    "SpeechOutputError",
+    "SyntheticDataError",
+    "TrainingError",
     "DuplexConfig",
     "DuplexOutput",
     "DuplexSession",

@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .errors import AudioInputError
+
 
 INPUT_SAMPLE_RATE = 16000  # what the audio encoder, the S3 tokenizer and duplex units take
 OUTPUT_SAMPLE_RATE = 24000  # what token2wav speaks
@@ -25,7 +27,7 @@ UNIT_REDUNDANCY_MEL_FRAMES = 2  # per side; none on the left of the first unit
 UNIT_ENCODER_FRAMES = 50
 
 
-class InvalidAudioError(ValueError):
+class InvalidAudioError(AudioInputError):
     """Audio that cannot be used: wrong container or dtype, not mono, empty, NaN/inf, too short or too long."""
 
 

@@ -24,7 +24,9 @@ from pathlib import Path
 
 import torch
 
-from .modeling.modeling_token2wav import MiniCPMOToken2Wav, Token2WavConfig
+from .configuration.configuration_token2wav import Token2WavConfig
+from .errors import CheckpointError
+from .modeling.modeling_token2wav import MiniCPMOToken2Wav
 
 try:
     from safetensors.torch import save_file
@@ -32,7 +34,7 @@ except ImportError:  # pragma: no cover - safetensors comes with transformers
     save_file = None
 
 
-class Token2WavConversionError(ValueError):
+class Token2WavConversionError(CheckpointError):
     """The official files are missing, unreadable, or do not match the expected token2wav layout."""
 
 

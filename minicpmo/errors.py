@@ -46,7 +46,7 @@ class ConfigError(MiniCPMOError):
 
 
 class CheckpointError(MiniCPMOError):
-    """Weights or official files that are missing, unreadable, or not in the expected layout."""
+    """Weights, tokenizer or official files that are missing, unreadable, or not in the expected layout."""
 
 
 class SpeechOutputError(MiniCPMOError):
@@ -76,4 +76,19 @@ FAMILIES = (
     SpaceError,
 )
 
-__all__ = ["FAMILIES", "MiniCPMOError", *(family.__name__ for family in FAMILIES)]
+__all__ = [
+    "FAMILIES",
+    "AudioInputError",
+    "CheckpointError",
+    "ConfigError",
+    "ContextLengthError",
+    "DataFormatError",
+    "DuplexError",
+    "ImageInputError",
+    "MiniCPMOError",
+    "PromptError",
+    "SpaceError",
+    "SpeechOutputError",
+    "SyntheticDataError",
+    "TrainingError",
+]

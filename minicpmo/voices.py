@@ -7,6 +7,8 @@ import soundfile
 import torch
 import torchaudio
 
+from .errors import SpeechOutputError
+
 VOICES_DIR = Path(__file__).resolve().parent / "assets" / "voices"
 BUNDLED_VOICES = {
     "en_dlc": VOICES_DIR / "ref_en_dlc_1.wav",
@@ -16,7 +18,7 @@ DEFAULT_VOICE = "en_dlc"
 MODEL_VOICE_FILE = "voice.wav"  # a model folder's own voice reference (the demo model ships one; the Space uses it)
 
 
-class UnknownVoiceError(ValueError):
+class UnknownVoiceError(SpeechOutputError):
     """Neither a bundled voice name nor a readable audio file."""
 
 

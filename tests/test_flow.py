@@ -10,9 +10,9 @@ import math  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from minicpmo.configuration.configuration_presets import tiny_flow_config  # noqa: E402
+from minicpmo.configuration.configuration_token2wav import FlowConfig, FlowConfigError  # noqa: E402
 from minicpmo.modeling.modeling_flow import (  # noqa: E402
-    FlowConfig,
-    FlowConfigError,
     FlowDecoder,
     FlowInputError,
     FlowStreamState,
@@ -26,7 +26,7 @@ STREAM_TOLERANCE = 1e-4  # float32; observed differences are ~1e-6
 
 @pytest.fixture(scope="module")
 def config():
-    return FlowConfig.tiny()
+    return tiny_flow_config()
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +203,7 @@ def test_different_speakers_give_different_mels(model, voice, config):
 
 def test_cache_trimming_keeps_prompt_and_recent_frames(voice):
     torch.manual_seed(0)
-    config = FlowConfig.tiny(stream_cache_frames=8, n_timesteps=2)
+    config = tiny_flow_config(stream_cache_frames=8, n_timesteps=2)
     model = FlowDecoder(config).eval()
     prompt_frames = 2 * PROMPT_TOKENS
     tokens = random_tokens(config, 40)
@@ -271,5 +271,5 @@ def test_bad_inputs_raise_typed_errors(model, voice, config):
     with pytest.raises(FlowInputError, match="FlowStreamState"):
         model.stream_step(tokens, {"not": "a state"})
     with pytest.raises(FlowConfigError, match="dit_in_channels"):
-        FlowConfig.tiny(dit_in_channels=65)
+        tiny_flow_config(dit_in_channels=65)
     assert issubclass(FlowInputError, ValueError) and issubclass(FlowConfigError, ValueError)

@@ -10,18 +10,21 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from minicpmo.configuration.configuration_presets import tiny_s3tokenizer_config  # noqa: E402
+from minicpmo.configuration.configuration_token2wav import (  # noqa: E402
+    S3TokenizerCheckpointError,
+    S3TokenizerConfig,
+)
 from minicpmo.modeling.modeling_speech_tokenizer import (  # noqa: E402
     S3_CODEBOOK_SIZE,
     AudioDtypeError,
-    AudioTooLongError,
     AudioTooShortError,
     EmptyAudioError,
     MultiChannelAudioError,
     NonFiniteAudioError,
     S3SpeechTokenizer,
-    S3TokenizerCheckpointError,
-    S3TokenizerConfig,
     SampleRateError,
+    SpeechTokenizerAudioTooLongError,
     SpeechTokenizerInputError,
     convert_public_s3tokenizer_v2_state_dict,
     log_mel_128,
@@ -41,7 +44,7 @@ def _speechlike(num_samples: int, seed: int = 0) -> np.ndarray:
 @pytest.fixture(scope="module")
 def tokenizer():
     torch.manual_seed(0)
-    model = S3SpeechTokenizer(S3TokenizerConfig.tiny()).eval()
+    model = S3SpeechTokenizer(tiny_s3tokenizer_config()).eval()
     # Random init puts most FSQ inputs near 0; widen project_in so the test codes use many digits.
     with torch.no_grad():
         model.quantizer.project_in.weight.mul_(20.0)
@@ -95,7 +98,7 @@ def test_default_config_is_the_public_v2_tokenizer():
     assert cfg.head_dim == 64 and cfg.fsmn_kernel_size == 31 and cfg.fsq_levels == [3] * 8
     assert cfg.codebook_size == S3_CODEBOOK_SIZE == 6561
     assert cfg.max_mel_frames == 3000  # 30 s
-    tiny = S3TokenizerConfig.tiny()
+    tiny = tiny_s3tokenizer_config()
     assert tiny.n_mels == 128 and tiny.fsq_levels == [3] * 8 and tiny.n_state < 100
 
 
@@ -118,7 +121,7 @@ def test_missing_fsq_library_fails_clearly_at_construction(monkeypatch):
 
     monkeypatch.setattr(module, "_FSQ", None)
     with pytest.raises(ImportError, match="vector-quantize-pytorch"):
-        S3SpeechTokenizer(S3TokenizerConfig.tiny())
+        S3SpeechTokenizer(tiny_s3tokenizer_config())
 
 
 def test_config_rejects_inconsistent_values():
@@ -185,7 +188,7 @@ def test_encode_is_deterministic(tokenizer):
     assert torch.equal(first, tokenizer.encode(wav))
     assert torch.equal(first, tokenizer.encode(torch.from_numpy(wav)))
     torch.manual_seed(0)
-    twin = S3SpeechTokenizer(S3TokenizerConfig.tiny()).eval()
+    twin = S3SpeechTokenizer(tiny_s3tokenizer_config()).eval()
     twin.load_state_dict(tokenizer.state_dict())
     assert torch.equal(first, twin.encode(wav))
 
@@ -312,7 +315,7 @@ def test_batch_and_mel_errors(tokenizer):
         tokenizer.encode_batch([_speechlike(4000), np.zeros((2, 4000), np.float32)])
     with pytest.raises(SpeechTokenizerInputError, match="non-empty list"):
         tokenizer.encode_batch([])
-    with pytest.raises(AudioTooLongError, match="30 s"):
+    with pytest.raises(SpeechTokenizerAudioTooLongError, match="30 s"):
         tokenizer(torch.zeros(1, 128, 3001))
     with pytest.raises(SpeechTokenizerInputError, match="mel_lengths"):
         tokenizer(torch.zeros(2, 128, 10), torch.tensor([10, 11]))
@@ -353,7 +356,7 @@ def _public_state_dict(config: S3TokenizerConfig, seed: int = 7) -> dict:
 
 
 def test_public_state_dict_round_trips_with_strict_loading():
-    config = S3TokenizerConfig.tiny()
+    config = tiny_s3tokenizer_config()
     public = _public_state_dict(config)
     assert len(public) == 4 + 16 * config.n_layer + 2
     inferred = S3TokenizerConfig.from_public_state_dict(public, n_head=config.n_head)
@@ -377,7 +380,7 @@ def test_public_state_dict_round_trips_with_strict_loading():
 
 
 def test_converter_rejects_foreign_keys():
-    public = _public_state_dict(S3TokenizerConfig.tiny())
+    public = _public_state_dict(tiny_s3tokenizer_config())
     with pytest.raises(S3TokenizerCheckpointError, match="positional_embedding"):
         convert_public_s3tokenizer_v2_state_dict({**public, "encoder.positional_embedding": torch.zeros(3)})
     public.pop("quantizer._codebook.project_down.bias")
@@ -390,7 +393,7 @@ def test_converter_rejects_foreign_keys():
 def test_to_empty_then_recreate_buffers_restores_the_quantiser(tokenizer):
     wav = _speechlike(8000, seed=11)
     expected = tokenizer.encode(wav)
-    clone = S3SpeechTokenizer(S3TokenizerConfig.tiny()).to_empty(device="cpu")
+    clone = S3SpeechTokenizer(tiny_s3tokenizer_config()).to_empty(device="cpu")
     clone.load_state_dict(tokenizer.state_dict())
     clone.recreate_buffers()
     assert torch.equal(clone.quantizer.implicit_codebook, tokenizer.quantizer.implicit_codebook)
@@ -402,7 +405,7 @@ def test_to_empty_then_recreate_buffers_restores_the_quantiser(tokenizer):
 
 def test_straight_through_training_reduces_reconstruction_loss():
     torch.manual_seed(1)
-    model = S3SpeechTokenizer(S3TokenizerConfig.tiny()).train()
+    model = S3SpeechTokenizer(tiny_s3tokenizer_config()).train()
     mels = [log_mel_128(_speechlike(n, seed=n)) for n in (6000, 4000)]
     batch = torch.nn.utils.rnn.pad_sequence([m.T for m in mels], batch_first=True).transpose(1, 2)
     lengths = torch.tensor([m.shape[-1] for m in mels])

@@ -16,12 +16,12 @@ from transformers import PretrainedConfig, PreTrainedModel  # noqa: E402
 
 from minicpmo.convert_token2wav import Token2WavConversionError, convert_token2wav, main  # noqa: E402
 from minicpmo.modeling.audio_frontends_token2wav import InvalidAudioError  # noqa: E402
-from minicpmo.modeling.modeling_hift import HiFTConfig, Snake  # noqa: E402
+from minicpmo.configuration.configuration_presets import tiny_hift_config, tiny_token2wav_config  # noqa: E402
+from minicpmo.configuration.configuration_token2wav import Token2WavConfig, Token2WavConfigError  # noqa: E402
+from minicpmo.modeling.modeling_hift import Snake  # noqa: E402
 from minicpmo.modeling.modeling_speech_tokenizer import SpeechTokenizerInputError  # noqa: E402
 from minicpmo.modeling.modeling_token2wav import (  # noqa: E402
     MiniCPMOToken2Wav,
-    Token2WavConfig,
-    Token2WavConfigError,
     Token2WavInputError,
     Token2WavStreamState,
     VoicePrompt,
@@ -48,7 +48,7 @@ def _codes(n: int, seed: int = 2) -> torch.Tensor:
 
 def _build(seed: int = 0, **overrides) -> MiniCPMOToken2Wav:
     torch.manual_seed(seed)
-    return MiniCPMOToken2Wav(Token2WavConfig.tiny(**overrides)).eval()
+    return MiniCPMOToken2Wav(tiny_token2wav_config(**overrides)).eval()
 
 
 def _stream(model, codes, voice, unit=25, seed=3, **kwargs):
@@ -66,7 +66,7 @@ def _stream(model, codes, voice, unit=25, seed=3, **kwargs):
 @pytest.fixture(scope="module")
 def deterministic():
     """Tiny token2wav whose vocoder source has no sine and no noise: a pure function of the codes."""
-    return _build(hift=HiFTConfig.tiny(nsf_alpha=0.0, nsf_sigma=0.0), force_flush=False)
+    return _build(hift=tiny_hift_config(nsf_alpha=0.0, nsf_sigma=0.0), force_flush=False)
 
 
 @pytest.fixture(scope="module")
@@ -78,13 +78,13 @@ def model():
 
 
 def test_config_json_round_trip():
-    for config in (Token2WavConfig(), Token2WavConfig.tiny(n_timesteps=5, force_flush=False)):
+    for config in (Token2WavConfig(), tiny_token2wav_config(n_timesteps=5, force_flush=False)):
         text = json.dumps(config.to_dict())
         again = Token2WavConfig.from_dict(json.loads(text))
         assert again == config
         assert isinstance(again.hift.resblock_dilation_sizes[0], tuple)
     assert Token2WavConfig().n_timesteps == 10 and Token2WavConfig().samples_per_code == SAMPLES_PER_CODE
-    assert Token2WavConfig.tiny().samples_per_code == SAMPLES_PER_CODE and Token2WavConfig().sample_rate == 24000
+    assert tiny_token2wav_config().samples_per_code == SAMPLES_PER_CODE and Token2WavConfig().sample_rate == 24000
 
 
 def test_config_errors_name_the_problem():
@@ -93,11 +93,11 @@ def test_config_errors_name_the_problem():
     with pytest.raises(Token2WavConfigError, match="unknown hift keys"):
         Token2WavConfig.from_dict({"hift": {"channels": 3}})
     with pytest.raises(Token2WavConfigError, match="hift.in_channels"):
-        Token2WavConfig.tiny(hift=HiFTConfig.tiny(in_channels=64))
+        tiny_token2wav_config(hift=tiny_hift_config(in_channels=64))
     with pytest.raises(Token2WavConfigError, match="n_timesteps"):
-        Token2WavConfig.tiny(n_timesteps=0)
+        tiny_token2wav_config(n_timesteps=0)
     with pytest.raises(Token2WavConfigError, match="force_flush_min_tokens"):
-        Token2WavConfig.tiny(force_flush_min_tokens=3)
+        tiny_token2wav_config(force_flush_min_tokens=3)
 
 
 # ---------------------------------------------------------------------------------------------- names
@@ -179,7 +179,7 @@ def test_bad_codes_and_states_raise_typed_errors(model):
     for call, match in cases:
         with pytest.raises(Token2WavInputError, match=match):
             call()
-    bare = MiniCPMOToken2Wav(Token2WavConfig.tiny(voice_encoders=False))
+    bare = MiniCPMOToken2Wav(tiny_token2wav_config(voice_encoders=False))
     with pytest.raises(Token2WavInputError, match="voice_encoders=False"):
         bare.prepare_voice(np.ones(16000, np.float32), 16000)
     assert issubclass(SpeechTokenizerInputError, ValueError)  # the tokenizer's own errors stay ValueErrors
@@ -311,7 +311,7 @@ class _Host(PreTrainedModel):
 
     def __init__(self, config):
         super().__init__(config)
-        self.token2wav = MiniCPMOToken2Wav(Token2WavConfig.tiny())
+        self.token2wav = MiniCPMOToken2Wav(tiny_token2wav_config())
         self.post_init()
 
     def _init_weights(self, module):
@@ -321,7 +321,7 @@ class _Host(PreTrainedModel):
 
 def test_meta_device_build_is_fully_reinitialised():
     torch.manual_seed(0)
-    reference = MiniCPMOToken2Wav(Token2WavConfig.tiny())
+    reference = MiniCPMOToken2Wav(tiny_token2wav_config())
     with torch.device("meta"):
         host = _Host(_HostConfig())
     host.to_empty(device="cpu")
@@ -369,7 +369,7 @@ def test_from_pretrained_round_trip_keeps_loaded_values(tmp_path):
 
 def test_init_hook_keeps_loaded_tensors():
     torch.manual_seed(0)
-    model = MiniCPMOToken2Wav(Token2WavConfig.tiny(voice_encoders=False))
+    model = MiniCPMOToken2Wav(tiny_token2wav_config(voice_encoders=False))
     alpha = next(m for m in model.modules() if isinstance(m, Snake)).alpha
     with torch.no_grad():
         alpha.fill_(0.5)
@@ -401,7 +401,7 @@ def _official_style_files(tmp_path, config, old_weight_norm: bool):
 
 @pytest.mark.parametrize("old_weight_norm", [False, True])
 def test_converter_writes_safetensors_that_load_strictly(tmp_path, old_weight_norm):
-    config = Token2WavConfig.tiny()
+    config = tiny_token2wav_config()
     assets, out = tmp_path / "assets", tmp_path / "out"
     assets.mkdir()
     source = _official_style_files(assets, config, old_weight_norm)
@@ -419,7 +419,7 @@ def test_converter_writes_safetensors_that_load_strictly(tmp_path, old_weight_no
 
 
 def test_converter_rejects_mismatches_and_pickles(tmp_path):
-    config = Token2WavConfig.tiny()
+    config = tiny_token2wav_config()
     _official_style_files(tmp_path, config, old_weight_norm=False)
     flow = torch.load(tmp_path / "flow.pt", weights_only=True)
     flow["encoder.extra.weight"] = torch.zeros(1)

@@ -12,7 +12,9 @@ from finetune import train_speech_tokenizer as tok_recipe
 from finetune import train_token2wav as t2w_recipe
 from finetune.speech_corpus import SpeechClip, SpeechClipError, check_clips
 from minicpmo.modeling.modeling_speech_tokenizer import S3_SILENCE_CODE
-from minicpmo.modeling.modeling_token2wav import MiniCPMOToken2Wav, Token2WavConfig
+from minicpmo.configuration.configuration_presets import demo_token2wav_config, tiny_token2wav_config
+from minicpmo.configuration.configuration_token2wav import Token2WavConfig
+from minicpmo.modeling.modeling_token2wav import MiniCPMOToken2Wav
 from minicpmo.synthetic.speech import espeak_available
 
 TONES = {"a": 150.0, "i": 220.0, "u": 330.0, "s": None}  # "s": white noise
@@ -49,11 +51,11 @@ def clips():
 @pytest.fixture()
 def tiny():
     torch.manual_seed(0)
-    return MiniCPMOToken2Wav(Token2WavConfig.tiny())
+    return MiniCPMOToken2Wav(tiny_token2wav_config())
 
 
 def test_demo_config_fits_the_budget_and_keeps_official_rates():
-    config = Token2WavConfig.demo()
+    config = demo_token2wav_config()
     model = MiniCPMOToken2Wav(config)
     assert sum(p.numel() for p in model.parameters()) <= 2_000_000
     assert config.sample_rate == 24000 and config.samples_per_code == 960

@@ -11,14 +11,16 @@ import torch
 import torchaudio.functional as taf
 from transformers.audio_utils import mel_filter_bank, spectrogram, window_function
 
+from minicpmo.configuration.configuration_presets import tiny_hift_config
+from minicpmo.configuration.configuration_token2wav import CAMPPlusConfig, HiFTConfig
 from minicpmo.modeling.audio_frontends_token2wav import (
     InvalidAudioError,
     fit_prompt_mel,
     kaldi_fbank_16k,
     prompt_mel_24k,
 )
-from minicpmo.modeling.modeling_campplus import CAMPPlus, CAMPPlusConfig, SpeakerEmbedder
-from minicpmo.modeling.modeling_hift import HiFTConfig, HiFTInputError, HiFTStreamState, HiFTVocoder
+from minicpmo.modeling.modeling_campplus import CAMPPlus, SpeakerEmbedder
+from minicpmo.modeling.modeling_hift import HiFTInputError, HiFTStreamState, HiFTVocoder
 
 HIFT_PARAMS = 20_821_295
 
@@ -35,7 +37,7 @@ def _smooth_mel(frames: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
 def _deterministic_vocoder(seed: int = 0) -> HiFTVocoder:
     """Tiny HiFT whose source has no sine and no noise (alpha = sigma = 0), so it is a pure function."""
     torch.manual_seed(seed)
-    return HiFTVocoder(HiFTConfig.tiny(nsf_alpha=0.0, nsf_sigma=0.0)).eval()
+    return HiFTVocoder(tiny_hift_config(nsf_alpha=0.0, nsf_sigma=0.0)).eval()
 
 
 def _stream(vocoder, mel, sizes, seed=None):
@@ -69,7 +71,7 @@ def test_full_size_hift_matches_official_state_dict(shared_dir):
 @pytest.mark.parametrize("frames", [1, 7, 23])
 def test_tiny_hift_gives_480_samples_per_frame(frames):
     torch.manual_seed(0)
-    vocoder = HiFTVocoder(HiFTConfig.tiny()).eval()
+    vocoder = HiFTVocoder(tiny_hift_config()).eval()
     with torch.no_grad():
         wav = vocoder(_smooth_mel(frames, batch=2))
     assert wav.shape == (2, frames * 480)
@@ -88,7 +90,7 @@ def test_hift_batched_equals_single():
 
 def test_hift_source_noise_is_seedable():
     torch.manual_seed(0)
-    vocoder = HiFTVocoder(HiFTConfig.tiny()).eval()
+    vocoder = HiFTVocoder(tiny_hift_config()).eval()
     mel = _smooth_mel(10)
     with torch.no_grad():
         first = vocoder(mel, generator=torch.Generator().manual_seed(7))
@@ -130,7 +132,7 @@ def test_streaming_equals_offline_up_to_the_official_crossfade():
 
 def test_streaming_with_noise_has_no_seam_clicks():
     torch.manual_seed(0)
-    vocoder = HiFTVocoder(HiFTConfig.tiny()).eval()  # official alpha 0.1 / sigma 0.003 source
+    vocoder = HiFTVocoder(tiny_hift_config()).eval()  # official alpha 0.1 / sigma 0.003 source
     sizes = [20, 25, 25, 14]
     mel = _smooth_mel(sum(sizes))
     with torch.no_grad():
@@ -151,7 +153,7 @@ def test_streaming_with_noise_has_no_seam_clicks():
 
 def test_stream_step_is_pure_and_reproducible():
     torch.manual_seed(0)
-    vocoder = HiFTVocoder(HiFTConfig.tiny()).eval()
+    vocoder = HiFTVocoder(tiny_hift_config()).eval()
     mel = _smooth_mel(30)
     with torch.no_grad():
         _, state = vocoder.stream_step(mel[..., :12], vocoder.new_stream_state(seed=5))

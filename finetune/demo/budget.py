@@ -12,8 +12,10 @@ import time
 
 from transformers import TrainerCallback
 
+from minicpmo.errors import TrainingError
 
-class BudgetError(ValueError):
+
+class BudgetError(TrainingError):
     """A non-positive budget."""
 
 

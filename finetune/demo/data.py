@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from minicpmo.chat_prompts import system_message
+from minicpmo.errors import SyntheticDataError
 from minicpmo.synthetic.dataset import TRAIN_VOICE_NAMES, USER_SPEEDS, generate_episodes, save_episodes
 from minicpmo.synthetic.episodes import ASSISTANT_VOICE, TimingConfig
 from minicpmo.synthetic.scenes import answer_question, random_question, random_scene, render
@@ -27,7 +28,7 @@ QA_FILE = "questions.jsonl"
 VOICE_FILE = "voice.wav"
 
 
-class DemoDataError(ValueError):
+class DemoDataError(SyntheticDataError):
     """Bad arguments for the demo data writers (negative sizes, a speech tokenizer that yields no codes)."""
 
 

@@ -12,8 +12,10 @@ import json
 
 import numpy as np
 
+from minicpmo.errors import TrainingError
 
-class MixedDataError(ValueError):
+
+class MixedDataError(TrainingError):
     """No data, or a batch size that is not positive."""
 
 

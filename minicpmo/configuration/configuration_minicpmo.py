@@ -11,6 +11,10 @@ from typing import ClassVar
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig, Qwen3Config, SiglipVisionConfig, WhisperConfig
+from transformers.configuration_utils import SubConfigSpec
+
+from ..errors import ConfigError
+from .configuration_token2wav import Token2WavConfig
 
 # The official checkpoint's `architectures` entry (the name of the official remote-code class). Engines that serve
 # MiniCPM-o 4.5 route on it; transformers would write our class name instead.
@@ -18,7 +22,7 @@ OFFICIAL_ARCHITECTURE = "MiniCPMO"
 _OUR_ARCHITECTURE = "MiniCPMOForConditionalGeneration"
 
 
-class MiniCPMOConfigError(ValueError):
+class MiniCPMOConfigError(ConfigError):
     """A configuration value that cannot describe a working model."""
 
 
@@ -131,6 +135,8 @@ class MiniCPMOConfig(Qwen3Config):
         "audio_config": WhisperConfig,
         "tts_config": MiniCPMTTSConfig,
         "slice_config": MiniCPMVSliceConfig,
+        # Optional: None stays None (the official sizes, see the field below).
+        "token2wav_config": SubConfigSpec(Token2WavConfig, optional=True),
     }
 
     vision_config: dict | SiglipVisionConfig | None = None
@@ -152,7 +158,8 @@ class MiniCPMOConfig(Qwen3Config):
     init_tts: bool = True
     # Our addition (the official token2wav ships as separate files): settings of the speech-code -> 24 kHz decoder.
     # None means the full-size official flow + HiFT; its weights live in the `token2wav/` subfolder of a checkpoint.
-    token2wav_config: dict | None = None
+    # Saved as the plain dict of `Token2WavConfig.to_dict` (no model_type), as config.json files always held it.
+    token2wav_config: dict | Token2WavConfig | None = None
     version: str | float | None = "4.5"
     # Placeholder and span token ids of the official tokenizer; the model finds multimodal slots from these.
     unk_token_id: int = 128244

@@ -6,8 +6,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..errors import DuplexError
 
-class DuplexConfigError(ValueError):
+
+class DuplexConfigError(DuplexError):
     """A duplex control out of its range; the message names the control and the value."""
 
 

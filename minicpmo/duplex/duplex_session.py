@@ -20,12 +20,13 @@ import numpy as np
 import torch
 
 from ..audio_utils import OUTPUT_SAMPLE_RATE
+from ..errors import DuplexError
 from .duplex_config import DuplexConfig, DuplexOutput
 
 STAGES = ("vision", "audio", "prefill", "decode", "speech_codes", "token2wav")
 
 
-class DuplexSessionClosedError(RuntimeError):
+class DuplexSessionClosedError(DuplexError, RuntimeError):
     """`step` on a session that was closed."""
 
 

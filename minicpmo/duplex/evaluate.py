@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import DuplexError
 from ..processing.duplex_layout_minicpmo import DEFAULT_DUPLEX_SYSTEM_TEXT
 from ..synthetic.episodes import EPISODE_TYPES, Episode
 from .metrics import MetricSettings, aggregate, check_targets, episode_metrics, oracle_events
@@ -30,7 +31,7 @@ DEFAULT_SEED = 1  # training sets use seed 0 by default; the held-out split also
 PLOT_PREFERENCE = ("interruption", "watch", "pause", "question", "chitchat")
 
 
-class EvaluationError(ValueError):
+class EvaluationError(DuplexError):
     """Bad evaluation input (no episodes, an episode index out of range, a non-Episode item)."""
 
 

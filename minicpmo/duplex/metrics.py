@@ -45,10 +45,11 @@ import re
 import statistics
 from dataclasses import asdict, dataclass
 
+from ..errors import DuplexError
 from ..synthetic.scenes import COLOURS, NUMBER_WORDS
 
 
-class MetricInputError(ValueError):
+class MetricInputError(DuplexError):
     """Events or ground truth that the metrics cannot read (missing keys, unknown action, unsorted units)."""
 
 

@@ -35,6 +35,7 @@ from transformers.cache_utils import DynamicCache
 from transformers.models.whisper.modeling_whisper import WhisperEncoderLayer, sinusoids
 
 from ..audio_utils import encoder_frames_from_mel_frames, frames_to_token_count  # noqa: F401 (re-exported)
+from ..errors import AudioInputError
 from .modeling_projector import MultiModalProjector
 
 
@@ -43,10 +44,6 @@ ENCODER_FRAMES_PER_SECOND = 50
 # Encoder frame j reads mel frames [2j-2, 2j+2]: 2 frames of left context, 1 of right context at a chunk seam.
 CONV_LEFT_CONTEXT_MEL_FRAMES = 2
 CONV_RIGHT_CONTEXT_MEL_FRAMES = 1
-
-
-class AudioInputError(ValueError):
-    """Audio features of the wrong shape, length or padding layout."""
 
 
 class AudioTooLongError(AudioInputError):

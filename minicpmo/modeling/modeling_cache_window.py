@@ -9,8 +9,10 @@ Values carry no position and are just cut.
 import torch
 from transformers import DynamicCache
 
+from ..errors import ContextLengthError
 
-class CacheWindowError(ValueError):
+
+class CacheWindowError(ContextLengthError):
     """A requested cache span is out of range."""
 
 

@@ -42,47 +42,14 @@ Mapping ``campplus.onnx`` initializers onto this module (the ONNX file is not in
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .audio_frontends_token2wav import FBANK_BINS, InvalidAudioError, kaldi_fbank_16k
-
-
-@dataclass
-class CAMPPlusConfig:
-    """CAM++ widths; defaults are the published model (the one shipped as campplus.onnx, 192-d)."""
-
-    feat_dim: int = FBANK_BINS
-    embedding_size: int = 192
-    head_channels: int = 32  # FCM width
-    head_blocks: tuple[int, int] = (2, 2)  # residual blocks per FCM stage
-    init_channels: int = 128
-    growth_rate: int = 32
-    bottleneck_scale: int = 4  # dense-layer bottleneck = bottleneck_scale * growth_rate
-    block_layers: tuple[int, ...] = (12, 24, 16)
-    block_kernel_sizes: tuple[int, ...] = (3, 3, 3)
-    block_dilations: tuple[int, ...] = (1, 2, 2)
-    cam_reduction: int = 2
-    cam_segment_frames: int = 100
-    min_frames: int = 8  # fbank frames (80 ms) below which std pooling is meaningless
-
-    @classmethod
-    def tiny(cls, **overrides) -> "CAMPPlusConfig":
-        values = dict(head_channels=8, init_channels=32, growth_rate=8, block_layers=(2, 2, 2))
-        values.update(overrides)
-        return cls(**values)
-
-
-    @classmethod
-    def demo(cls, **overrides) -> "CAMPPlusConfig":
-        """The shipped demo speaker encoder (~0.09 M parameters); still 80-bin fbank in, 192-d out."""
-        values = dict(head_channels=8, init_channels=32, growth_rate=16, bottleneck_scale=2, block_layers=(3, 3, 3))
-        values.update(overrides)
-        return cls(**values)
+from ..configuration.configuration_token2wav import CAMPPlusConfig
+from .audio_frontends_token2wav import InvalidAudioError, kaldi_fbank_16k
 
 
 def _bn_relu(channels: int) -> nn.Sequential:

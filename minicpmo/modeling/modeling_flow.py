@@ -30,12 +30,14 @@ Streaming semantics (where the spec leaves room, this is what we chose):
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..configuration.configuration_token2wav import FlowConfig, FlowConfigError  # noqa: F401 (FlowConfigError re-exported)
+from ..errors import SpeechOutputError
 from .modeling_flow_dit import DiT
 from .modeling_flow_encoder import (
     ConformerStreamCache,
@@ -45,129 +47,8 @@ from .modeling_flow_encoder import (
 )
 
 
-class FlowConfigError(ValueError):
-    """A FlowConfig value is inconsistent or out of range."""
-
-
-class FlowInputError(ValueError):
+class FlowInputError(SpeechOutputError):
     """Bad tokens, prompt, speaker embedding or stream usage given to FlowDecoder."""
-
-
-@dataclass
-class FlowConfig:
-    """Values of the official ``flow.yaml`` (CausalMaskedDiffWithXvec + UpsampleConformerEncoderV2 + DiT)."""
-
-    vocab_size: int = 6561
-    input_size: int = 512
-    output_size: int = 80
-    spk_embed_dim: int = 192
-    # encoder (UpsampleConformerEncoderV2)
-    encoder_output_size: int = 512
-    encoder_attention_heads: int = 8
-    encoder_linear_units: int = 2048
-    encoder_num_blocks: int = 6
-    encoder_num_up_blocks: int = 4
-    pre_lookahead_len: int = 3
-    up_stride: int = 2
-    # estimator (DiT)
-    dit_in_channels: int = 320
-    dit_out_channels: int = 80
-    dit_hidden_size: int = 512
-    dit_depth: int = 16
-    dit_num_heads: int = 8
-    dit_head_dim: int = 64
-    dit_mlp_ratio: float = 4.0
-    dit_time_embed_dim: int = 256
-    # sampling
-    inference_cfg_rate: float = 0.7
-    n_timesteps: int = 10
-    noise_length: int = 30000
-    noise_seed: int = 0
-    # streaming
-    silence_token_id: int = 4218
-    stream_cache_frames: int = 100
-
-    def __post_init__(self):
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name in ("inference_cfg_rate", "noise_seed"):
-                continue
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-                raise FlowConfigError(f"FlowConfig.{f.name} must be a positive number, got {value!r}")
-        if self.input_size != self.encoder_output_size:
-            raise FlowConfigError(
-                f"input_size ({self.input_size}) must equal encoder_output_size ({self.encoder_output_size}): "
-                "up_embed maps encoder states with an input_size-wide Linear"
-            )
-        if self.encoder_output_size % self.encoder_attention_heads:
-            raise FlowConfigError("encoder_output_size must be divisible by encoder_attention_heads")
-        if self.dit_in_channels != 4 * self.output_size or self.dit_out_channels != self.output_size:
-            raise FlowConfigError(
-                f"dit_in_channels must be 4*output_size (= {4 * self.output_size}) and dit_out_channels "
-                f"= output_size (= {self.output_size}); got {self.dit_in_channels}, {self.dit_out_channels}"
-            )
-        if not 0 <= self.inference_cfg_rate:
-            raise FlowConfigError(f"inference_cfg_rate must be >= 0, got {self.inference_cfg_rate}")
-        if self.silence_token_id >= self.vocab_size:
-            raise FlowConfigError(f"silence_token_id {self.silence_token_id} is outside vocab_size {self.vocab_size}")
-        if self.stream_cache_frames % self.up_stride:
-            raise FlowConfigError("stream_cache_frames must be a multiple of up_stride")
-
-    @classmethod
-    def tiny(cls, **overrides) -> "FlowConfig":
-        """A few-thousand-parameter config with the same structure, for tests."""
-        values = dict(
-            input_size=32,
-            output_size=16,
-            spk_embed_dim=24,
-            encoder_output_size=32,
-            encoder_attention_heads=2,
-            encoder_linear_units=64,
-            encoder_num_blocks=2,
-            encoder_num_up_blocks=1,
-            dit_in_channels=64,
-            dit_out_channels=16,
-            dit_hidden_size=32,
-            dit_depth=2,
-            dit_num_heads=2,
-            dit_head_dim=16,
-            dit_time_embed_dim=32,
-            n_timesteps=4,
-        )
-        values.update(overrides)
-        return cls(**values)
-
-    @classmethod
-    def demo(cls, **overrides) -> "FlowConfig":
-        """The shipped demo flow (~1.1 M parameters, most in the 6561-code embedding): 80 mel bins, 192-d
-        speaker, 25 -> 50 Hz as official; 48-wide conformer (2 + 2 blocks), 96-wide DiT of depth 3, 5 Euler steps."""
-        values = dict(
-            input_size=48,
-            encoder_output_size=48,
-            encoder_attention_heads=4,
-            encoder_linear_units=128,
-            encoder_num_blocks=2,
-            encoder_num_up_blocks=2,
-            dit_hidden_size=96,
-            dit_depth=3,
-            dit_num_heads=4,
-            dit_head_dim=24,
-            dit_mlp_ratio=2.0,
-            dit_time_embed_dim=64,
-            n_timesteps=5,
-        )
-        values.update(overrides)
-        return cls(**values)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "FlowConfig":
-        unknown = set(values) - {f.name for f in fields(cls)}
-        if unknown:
-            raise FlowConfigError(f"unknown FlowConfig keys: {sorted(unknown)}")
-        return cls(**values)
 
 
 def make_flow_noise(seed: int, channels: int = 80, length: int = 30000) -> torch.Tensor:

@@ -23,59 +23,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
+from ..configuration.configuration_token2wav import HiFTConfig
+from ..errors import SpeechOutputError
 
-class HiFTInputError(ValueError):
+
+class HiFTInputError(SpeechOutputError):
     """A mel spectrogram or stream state handed to the vocoder is unusable."""
-
-
-@dataclass
-class HiFTConfig:
-    """Hyper-parameters of the CosyVoice2 HiFT generator (defaults = the shipped ``hift.pt``)."""
-
-    in_channels: int = 80
-    base_channels: int = 512
-    nb_harmonics: int = 8
-    sampling_rate: int = 24000
-    nsf_alpha: float = 0.1  # sine amplitude of the harmonic source
-    nsf_sigma: float = 0.003  # noise std in voiced regions
-    nsf_voiced_threshold: float = 10.0  # Hz; F0 above this counts as voiced
-    upsample_rates: tuple[int, ...] = (8, 5, 3)
-    upsample_kernel_sizes: tuple[int, ...] = (16, 11, 7)
-    istft_n_fft: int = 16
-    istft_hop_length: int = 4
-    resblock_kernel_sizes: tuple[int, ...] = (3, 7, 11)
-    resblock_dilation_sizes: tuple[tuple[int, ...], ...] = ((1, 3, 5), (1, 3, 5), (1, 3, 5))
-    source_resblock_kernel_sizes: tuple[int, ...] = (7, 7, 11)
-    source_resblock_dilation_sizes: tuple[tuple[int, ...], ...] = ((1, 3, 5), (1, 3, 5), (1, 3, 5))
-    lrelu_slope: float = 0.1
-    audio_limit: float = 0.99
-    f0_predictor_channels: int = 512
-    f0_predictor_num_convs: int = 5
-    # 1.0.5 streaming: mel frames re-vocoded from the previous chunk (8 frames = 3840 samples).
-    stream_cache_mel_frames: int = 8
-
-    @property
-    def samples_per_frame(self) -> int:
-        return math.prod(self.upsample_rates) * self.istft_hop_length
-
-    @property
-    def stream_cache_samples(self) -> int:
-        return self.stream_cache_mel_frames * self.samples_per_frame
-
-    @classmethod
-    def tiny(cls, **overrides) -> "HiFTConfig":
-        """Same rates and kernels (so still 480 samples per frame), far fewer channels."""
-        values = dict(base_channels=32, f0_predictor_channels=32)
-        values.update(overrides)
-        return cls(**values)
-
-
-    @classmethod
-    def demo(cls, **overrides) -> "HiFTConfig":
-        """The shipped demo vocoder (~0.37 M parameters): same rates and kernels, 64 base channels."""
-        values = dict(base_channels=64, f0_predictor_channels=64, f0_predictor_num_convs=3)
-        values.update(overrides)
-        return cls(**values)
 
 
 def _same_padding(kernel_size: int, dilation: int = 1) -> int:

@@ -20,6 +20,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from ..configuration.configuration_minicpmo import MiniCPMOConfig
+from ..configuration.configuration_token2wav import Token2WavConfig
+from ..errors import ContextLengthError
 from .modeling_audio import (
     MiniCPMOAudioEncoder,
     MiniCPMOAudioPositionEmbedding,
@@ -31,12 +33,8 @@ from .modeling_multimodal_merge import scatter_into_slots, span_slot_mask
 from .modeling_resampler import MiniCPMOResampler, get_2d_sincos_pos_embed
 from .modeling_speech_decoder import MiniCPMOSpeechDecoder
 from .modeling_speech_output import MiniCPMOSpeechOutputMixin
-from .modeling_token2wav import MiniCPMOToken2Wav, Token2WavConfig, init_token2wav_weights
+from .modeling_token2wav import MiniCPMOToken2Wav, init_token2wav_weights
 from .modeling_vision import MiniCPMOVisionTransformer
-
-
-class ContextLengthError(ValueError):
-    """The prompt (plus the cache) does not fit into the model's context."""
 
 
 # Official key prefix -> our module path. Reversed on save, so checkpoints keep the official names.
@@ -259,9 +257,11 @@ class MiniCPMOForConditionalGeneration(
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.init_tts:
             self.tts = MiniCPMOSpeechDecoder(config.tts_config)
-            token2wav_config = (
-                Token2WavConfig.from_dict(config.token2wav_config) if config.token2wav_config else Token2WavConfig()
-            )
+            token2wav_config = config.token2wav_config if config.token2wav_config is not None else Token2WavConfig()
+            if not isinstance(token2wav_config, Token2WavConfig):
+                # Remote code loads the configuration and modeling files as separate module copies, so the config
+                # object can be an instance of the other copy's class.
+                token2wav_config = Token2WavConfig.from_dict(token2wav_config.to_dict())
             self.token2wav = MiniCPMOToken2Wav(token2wav_config)
         self.post_init()
         self._keep_existing_no_split_modules()

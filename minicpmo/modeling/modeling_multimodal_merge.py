@@ -8,8 +8,10 @@ n-th feature row fills the n-th slot in reading order (row-major over the batch)
 
 import torch
 
+from ..errors import PromptError
 
-class PlaceholderMismatchError(ValueError):
+
+class PlaceholderMismatchError(PromptError):
     """The number of placeholder slots in the prompt differs from the number of encoder features."""
 
 

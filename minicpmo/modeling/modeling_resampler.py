@@ -10,8 +10,10 @@ import torch
 from torch import nn
 from transformers import initialization as init
 
+from ..errors import ImageInputError
 
-class ResamplerInputError(ValueError):
+
+class ResamplerInputError(ImageInputError):
     """Features, target sizes or patch mask that do not describe a valid padded batch of slices."""
 
 

@@ -29,6 +29,7 @@ from transformers.cache_utils import DynamicCache
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 from ..configuration.configuration_minicpmo import MiniCPMTTSConfig
+from ..errors import SpeechOutputError
 from .modeling_projector import MultiModalProjector
 
 # Official constants: top-p/top-k never keep fewer than 3 codes; a streamed text chunk yields at most 500 codes;
@@ -38,11 +39,11 @@ MAX_CODES_PER_STREAM_CHUNK = 500
 CODES_PER_DUPLEX_UNIT = 25
 
 
-class SpeechDecoderInputError(ValueError):
+class SpeechDecoderInputError(SpeechOutputError):
     """Inputs of the speech-token decoder that do not match its configuration."""
 
 
-class SpeechSamplingError(ValueError):
+class SpeechSamplingError(SpeechOutputError):
     """Sampling settings that cannot drive code generation."""
 
 

@@ -23,16 +23,13 @@ from transformers.generation import (
     TopPLogitsWarper,
 )
 
+from ..errors import SpeechOutputError
 from .modeling_speech_decoder import SpeechSamplingConfig
 
 TTS_BOS_TOKEN_ID = 151703
 TTS_EOS_TOKEN_ID = 151704
 TEXT_STOP_TOKEN_IDS = (151645, 151643)  # <|im_end|>, <|endoftext|>
 OUTPUT_SAMPLE_RATE = 24000
-
-
-class SpeechOutputError(ValueError):
-    """Speech output was requested but cannot be produced (no speech modules, no voice, no spoken span)."""
 
 
 @dataclass

@@ -37,7 +37,7 @@ Length: ``n_codes = ceil(ceil(T / 2) / 2) = (N // 160 + 3) // 4``. This equals `
 is a multiple of 160 (1 s -> 25 codes). Batches are right-padded, and every padded position is masked before
 each conv, the FSMN and the attention keys, so ``encode_batch`` gives exactly ``encode`` per item. The public
 code falls back to 30 s windows with 4 s overlap above 3000 mel frames. Here longer inputs raise
-``AudioTooLongError``. The limit is ``2 * n_audio_ctx`` mel frames = 30 s.
+``SpeechTokenizerAudioTooLongError``. The limit is ``2 * n_audio_ctx`` mel frames = 30 s.
 
 Public checkpoint -> this module (``convert_public_s3tokenizer_v2_state_dict``). These are the names that
 ``s3tokenizer``'s ``onnx2torch`` writes for ``speech_tokenizer_v2_25hz``: 102 tensors, shapes for C = 1280.
@@ -69,7 +69,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -84,6 +84,12 @@ from ..audio_utils import (  # noqa: F401 (audio error types re-exported with th
     NonFiniteAudioError,
     mono_waveform,
 )
+from ..configuration.configuration_token2wav import (  # noqa: F401 (config errors re-exported with the tokenizer)
+    S3TokenizerCheckpointError,
+    S3TokenizerConfig,
+    S3TokenizerConfigError,
+)
+from ..errors import AudioInputError
 
 try:  # optional: the quantiser's library
     from vector_quantize_pytorch import FSQ as _FSQ
@@ -107,7 +113,7 @@ OFFICIAL_FSQ_SCALE = 0.999  # float32 0.9990000128746033 in the ONNX graph
 DEFAULT_PADDING_CODE = -100  # the label ignore index of transformers / torch losses
 
 
-class SpeechTokenizerInputError(ValueError):
+class SpeechTokenizerInputError(AudioInputError):
     """Audio or features handed to the S3 speech tokenizer are unusable."""
 
 
@@ -119,88 +125,8 @@ class AudioTooShortError(SpeechTokenizerInputError):
     """The waveform is shorter than one centred STFT window can reflect-pad."""
 
 
-class AudioTooLongError(SpeechTokenizerInputError):
+class SpeechTokenizerAudioTooLongError(SpeechTokenizerInputError):
     """The waveform is longer than one encoder window (30 s for v2)."""
-
-
-class S3TokenizerCheckpointError(ValueError):
-    """A state dict does not have the public S3 tokenizer v2 layout."""
-
-
-class S3TokenizerConfigError(ValueError):
-    """Inconsistent S3TokenizerConfig values."""
-
-
-@dataclass
-class S3TokenizerConfig:
-    """Sizes of S3 tokenizer v2 (defaults = ``speech_tokenizer_v2_25hz``, the public ``ModelConfig``)."""
-
-    n_mels: int = 128
-    # Encoder positions after the first stride-2 conv for one window: 1500 = 30 s at 50 Hz (Whisper's meaning).
-    # The public v2 code switches to sliding windows beyond 2 * 1500 = 3000 mel frames; here they are rejected.
-    n_audio_ctx: int = 1500
-    n_state: int = 1280
-    n_head: int = 20
-    n_layer: int = 6
-    fsmn_kernel_size: int = 31
-    mlp_ratio: int = 4
-    rope_theta: float = 10000.0
-    attn_ln_eps: float = 1e-6
-    mlp_ln_eps: float = 1e-5
-    fsq_levels: list[int] = field(default_factory=lambda: [3] * 8)
-    sample_rate: int = S3_SAMPLE_RATE
-    n_fft: int = S3_N_FFT
-    hop_length: int = S3_HOP_LENGTH
-
-    def __post_init__(self):
-        self.fsq_levels = [int(level) for level in self.fsq_levels]
-        if self.n_state % self.n_head:
-            raise S3TokenizerConfigError(f"n_state={self.n_state} is not divisible by n_head={self.n_head}")
-        if self.head_dim % 2:
-            raise S3TokenizerConfigError(f"rotary embedding needs an even head_dim, got {self.head_dim}")
-        if self.fsmn_kernel_size < 1 or self.fsmn_kernel_size % 2 == 0:
-            raise S3TokenizerConfigError(f"fsmn_kernel_size must be odd and positive, got {self.fsmn_kernel_size}")
-        if any(level < 3 for level in self.fsq_levels):
-            raise S3TokenizerConfigError(f"FSQ levels must all be >= 3, got {self.fsq_levels}")
-        if self.n_mels != 128 or self.sample_rate != 16000 or self.n_fft != 400 or self.hop_length != 160:
-            raise S3TokenizerConfigError("the S3 v2 front-end is fixed: 128 mels, 16 kHz, n_fft 400, hop 160")
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_state // self.n_head
-
-    @property
-    def codebook_size(self) -> int:
-        return math.prod(self.fsq_levels)
-
-    @property
-    def max_mel_frames(self) -> int:
-        return 2 * self.n_audio_ctx
-
-    @classmethod
-    def tiny(cls) -> "S3TokenizerConfig":
-        """A ~43k-parameter random model for tests (same front-end, same FSQ, narrow and shallow encoder)."""
-        return cls(n_state=32, n_head=2, n_layer=2)
-
-    @classmethod
-    def demo(cls) -> "S3TokenizerConfig":
-        """The shipped demo tokenizer (~0.3 M parameters): same front-end, rates and FSQ, 96 wide, 2 blocks."""
-        return cls(n_state=96, n_head=4, n_layer=2)
-
-    @classmethod
-    def from_public_state_dict(cls, state_dict: dict, n_head: int = 20, **overrides) -> "S3TokenizerConfig":
-        """Read widths, depth and FSMN kernel from public weights; the head count is not in the shapes."""
-        try:
-            n_state, n_mels, _ = state_dict["encoder.conv1.weight"].shape
-            kernel = state_dict["encoder.blocks.0.attn.fsmn_block.weight"].shape[-1]
-            n_fsq_dims = state_dict["quantizer._codebook.project_down.weight"].shape[0]
-        except KeyError as missing:
-            raise S3TokenizerCheckpointError(f"not a public S3 tokenizer v2 state dict: missing {missing}") from None
-        n_layer = len({key.split(".")[2] for key in state_dict if key.startswith("encoder.blocks.")})
-        values = dict(n_mels=n_mels, n_state=n_state, n_head=n_head, n_layer=n_layer, fsmn_kernel_size=kernel,
-                      fsq_levels=[3] * n_fsq_dims)
-        values.update(overrides)
-        return cls(**values)
 
 
 def num_s3_codes(num_samples: int) -> int:
@@ -425,7 +351,7 @@ class S3SpeechTokenizer(nn.Module):
                 f"mel_lengths must be [B] in 1..{mel.shape[-1]}, got {mel_lengths.tolist()}"
             )
         if int(mel_lengths.max()) > self.config.max_mel_frames:
-            raise AudioTooLongError(
+            raise SpeechTokenizerAudioTooLongError(
                 f"{int(mel_lengths.max())} mel frames exceed one S3 window of {self.config.max_mel_frames} "
                 f"({self.config.max_mel_frames / 100:.0f} s); split the audio first"
             )

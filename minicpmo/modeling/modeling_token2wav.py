@@ -33,7 +33,7 @@ the mel equals the offline block-causal pass ``synthesize(..., chunk_size=25)`` 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -41,19 +41,20 @@ from torch import nn
 from transformers import initialization as init
 
 from ..audio_utils import mono_waveform
+from ..configuration.configuration_token2wav import Token2WavConfig, Token2WavConfigError
+from ..errors import SpeechOutputError
 from .audio_frontends_token2wav import (
     FBANK_SAMPLE_RATE,
-    PROMPT_MEL_BINS,
     InvalidAudioError,
     fit_prompt_mel,
     prompt_mel_24k,
 )
-from .modeling_campplus import CAMPPlusConfig, SpeakerEmbedder
-from .modeling_flow import FlowConfig, FlowDecoder, FlowStreamState
+from .modeling_campplus import SpeakerEmbedder
+from .modeling_flow import FlowDecoder, FlowStreamState
 from .modeling_flow_encoder import RelPositionSelfAttention
-from .modeling_hift import HiFTConfig, HiFTStreamState, HiFTVocoder, Snake
+from .modeling_hift import HiFTStreamState, HiFTVocoder, Snake
 from .modeling_speech_decoder import init_weight_norm_parametrization
-from .modeling_speech_tokenizer import S3FSQ, S3SpeechTokenizer, S3TokenizerConfig
+from .modeling_speech_tokenizer import S3FSQ, S3SpeechTokenizer
 
 try:  # pinned dependency; only needed to resample reference audio that is not at 16 kHz
     import torchaudio.functional as _taf
@@ -64,169 +65,8 @@ VOICE_MIN_SECONDS = 0.2  # below this the speaker embedding and the prompt mel a
 VOICE_MAX_SECONDS = 30.0  # one S3 tokenizer window
 
 
-class Token2WavConfigError(ValueError):
-    """Token2WavConfig values are inconsistent (e.g. flow and vocoder disagree on the mel width)."""
-
-
-class Token2WavInputError(ValueError):
+class Token2WavInputError(SpeechOutputError):
     """Bad codes, voice prompt, stream state or option handed to MiniCPMOToken2Wav."""
-
-
-def _as_tuples(value, like):
-    """JSON turns tuples into lists; give list values back the tuple shape of the field default ``like``."""
-    if isinstance(like, tuple) and isinstance(value, (list, tuple)):
-        inner = like[0] if like else None
-        return tuple(_as_tuples(item, inner) for item in value)
-    return value
-
-
-def _dataclass_from_dict(cls, values: dict, name: str):
-    if not isinstance(values, dict):
-        raise Token2WavConfigError(f"{name} must be a dict, got {type(values).__name__}")
-    known = {f.name: f for f in fields(cls)}
-    unknown = set(values) - set(known)
-    if unknown:
-        raise Token2WavConfigError(f"unknown {name} keys: {sorted(unknown)}")
-    defaults = cls()
-    return cls(**{key: _as_tuples(value, getattr(defaults, key)) for key, value in values.items()})
-
-
-@dataclass
-class Token2WavConfig:
-    """Everything needed to build :class:`MiniCPMOToken2Wav`; JSON-serialisable through ``to_dict``.
-
-    n_timesteps: Euler steps of the flow ODE (official default 10; the demo uses 5).
-    stream_chunk_tokens: new codes per regular streaming window (25; the window adds 3 lookahead codes).
-    force_flush / force_flush_min_tokens: the unified-model rule, see the module docstring.
-    voice_encoders: build ``campplus`` and ``speech_tokenizer`` (needed by ``prepare_voice``).
-    """
-
-    flow: FlowConfig = field(default_factory=FlowConfig)
-    hift: HiFTConfig = field(default_factory=HiFTConfig)
-    campplus: CAMPPlusConfig = field(default_factory=CAMPPlusConfig)
-    speech_tokenizer: S3TokenizerConfig = field(default_factory=S3TokenizerConfig)
-    n_timesteps: int = 10
-    stream_chunk_tokens: int = 25
-    force_flush: bool = True
-    force_flush_min_tokens: int = 8
-    voice_encoders: bool = True
-
-    def __post_init__(self):
-        for name, cls in (
-            ("flow", FlowConfig),
-            ("hift", HiFTConfig),
-            ("campplus", CAMPPlusConfig),
-            ("speech_tokenizer", S3TokenizerConfig),
-        ):
-            value = getattr(self, name)
-            if isinstance(value, dict):
-                value = FlowConfig.from_dict(value) if cls is FlowConfig else _dataclass_from_dict(cls, value, name)
-                setattr(self, name, value)
-            if not isinstance(value, cls):
-                raise Token2WavConfigError(
-                    f"Token2WavConfig.{name} must be a {cls.__name__}, got {type(value).__name__}"
-                )
-        for name in ("n_timesteps", "stream_chunk_tokens", "force_flush_min_tokens"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise Token2WavConfigError(f"Token2WavConfig.{name} must be a positive int, got {value!r}")
-        if self.force_flush_min_tokens <= self.lookahead_tokens:
-            raise Token2WavConfigError(
-                f"force_flush_min_tokens ({self.force_flush_min_tokens}) must exceed the "
-                f"{self.lookahead_tokens} lookahead codes, or a flush would stream no new code"
-            )
-        if self.flow.output_size != self.hift.in_channels:
-            raise Token2WavConfigError(
-                f"flow.output_size ({self.flow.output_size}) must equal hift.in_channels ({self.hift.in_channels})"
-            )
-        if self.voice_encoders:
-            if self.flow.output_size != PROMPT_MEL_BINS:
-                raise Token2WavConfigError(
-                    f"flow.output_size must be {PROMPT_MEL_BINS} (the prompt mel width) to prepare voices from audio"
-                )
-            if self.flow.spk_embed_dim != self.campplus.embedding_size:
-                raise Token2WavConfigError(
-                    f"flow.spk_embed_dim ({self.flow.spk_embed_dim}) must equal campplus.embedding_size "
-                    f"({self.campplus.embedding_size})"
-                )
-            if self.flow.vocab_size != self.speech_tokenizer.codebook_size:
-                raise Token2WavConfigError(
-                    f"flow.vocab_size ({self.flow.vocab_size}) must equal the S3 codebook size "
-                    f"({self.speech_tokenizer.codebook_size})"
-                )
-
-    # ------------------------------------------------------------------ derived values
-    @property
-    def sample_rate(self) -> int:
-        return self.hift.sampling_rate
-
-    @property
-    def samples_per_code(self) -> int:
-        """960 for the official sizes: 2 mel frames per code, 480 samples per frame."""
-        return self.flow.up_stride * self.hift.samples_per_frame
-
-    @property
-    def lookahead_tokens(self) -> int:
-        return self.flow.pre_lookahead_len
-
-    @property
-    def silence_token_id(self) -> int:
-        return self.flow.silence_token_id
-
-    # ------------------------------------------------------------------ (de)serialisation
-    def to_dict(self) -> dict:
-        """Plain JSON types only (tuples become lists), so it can sit inside a config.json."""
-        values = {
-            "flow": self.flow.to_dict(),
-            "hift": asdict(self.hift),
-            "campplus": asdict(self.campplus),
-            "speech_tokenizer": asdict(self.speech_tokenizer),
-        }
-        values.update({f.name: getattr(self, f.name) for f in fields(self) if f.name not in values})
-
-        def plain(value):
-            if isinstance(value, (list, tuple)):
-                return [plain(item) for item in value]
-            if isinstance(value, dict):
-                return {key: plain(item) for key, item in value.items()}
-            return value
-
-        return plain(values)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "Token2WavConfig":
-        if not isinstance(values, dict):
-            raise Token2WavConfigError(f"Token2WavConfig.from_dict needs a dict, got {type(values).__name__}")
-        unknown = set(values) - {f.name for f in fields(cls)}
-        if unknown:
-            raise Token2WavConfigError(f"unknown Token2WavConfig keys: {sorted(unknown)}")
-        return cls(**values)
-
-    @classmethod
-    def tiny(cls, **overrides) -> "Token2WavConfig":
-        """Every part small (same rates, 80 mel bins, 192-d speaker): 1 s of audio in a fraction of a second on CPU."""
-        values = dict(
-            flow=FlowConfig.tiny(output_size=80, spk_embed_dim=192, dit_in_channels=320, dit_out_channels=80),
-            hift=HiFTConfig.tiny(),
-            campplus=CAMPPlusConfig.tiny(),
-            speech_tokenizer=S3TokenizerConfig.tiny(),
-        )
-        values.update(overrides)
-        return cls(**values)
-
-    @classmethod
-    def demo(cls, **overrides) -> "Token2WavConfig":
-        """The shipped demo token2wav (< 2.0 M parameters in all, official rates: 16 kHz tokenizer input,
-        25 codes/s from 6561 FSQ codes, 80-bin mel at 50 Hz, 192-d speaker vector, 24 kHz out), 5 Euler steps."""
-        values = dict(
-            flow=FlowConfig.demo(),
-            hift=HiFTConfig.demo(),
-            campplus=CAMPPlusConfig.demo(),
-            speech_tokenizer=S3TokenizerConfig.demo(),
-            n_timesteps=5,
-        )
-        values.update(overrides)
-        return cls(**values)
 
 
 @dataclass(frozen=True)

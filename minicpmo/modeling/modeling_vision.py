@@ -20,8 +20,10 @@ from transformers import SiglipVisionConfig
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.models.siglip.modeling_siglip import SiglipEncoder
 
+from ..errors import ImageInputError
 
-class VisionInputError(ValueError):
+
+class VisionInputError(ImageInputError):
     """Pixel strips or target sizes that do not describe a valid batch of image slices."""
 
 

@@ -15,13 +15,15 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from ..errors import PromptError
+
 
 IMAGE_PATTERN = "<image>./</image>"
 AUDIO_PATTERN = "<audio>./</audio>"
 SUPPORTED_CONTENT_TYPES = ("text", "image", "audio", "video")
 
 
-class UnsupportedContentTypeError(ValueError):
+class UnsupportedContentTypeError(PromptError):
     """A message content item whose `type` MiniCPM-o cannot render."""
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import DuplexError
 from .tokenization_minicpmo import MiniCPMOSpecialTokens
 
 
@@ -27,7 +28,7 @@ AUDIO_SLOTS_PER_SECOND = 10  # Whisper 50 frames/s, pooled 5x
 DEFAULT_DUPLEX_SYSTEM_TEXT = "Streaming Omni Conversation."
 
 
-class DuplexLayoutError(ValueError):
+class DuplexLayoutError(DuplexError):
     """Token ids that do not follow the duplex unit layout (or arguments that cannot produce it)."""
 
 

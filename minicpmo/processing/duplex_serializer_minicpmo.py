@@ -45,6 +45,7 @@ from PIL import Image
 from transformers.feature_extraction_utils import BatchFeature
 
 from ..audio_utils import encoder_frames_from_mel_frames, needs_cache_reset
+from ..errors import DataFormatError
 from .duplex_layout_minicpmo import (
     DEFAULT_DUPLEX_SYSTEM_TEXT,
     IMAGE_SLOTS_PER_FRAME,
@@ -69,7 +70,7 @@ SPEECH_CODEBOOK_SIZE = 6561  # valid codes are 0..6560 (6561 is the TTS end-of-s
 IGNORE_INDEX = -100
 
 
-class DuplexSampleError(ValueError):
+class DuplexSampleError(DataFormatError):
     """A duplex training sample that cannot be serialized; the message names the problem."""
 
 
@@ -364,6 +365,36 @@ def serialize_duplex(
     tokens have their speech deferred to a later unit. Labels equal `input_ids` on `<|listen|>`, `<|speak|>`,
     text, `<|turn_eos|>` and `<|chunk_eos|>` and are -100 elsewhere (system prompt, slots, `<unit>`, `</unit>`).
     """
+    checked = _check_sample(sample, tokenizer, unit_seconds, max_speak_tokens_per_unit, lookahead_tokens,
+                            codes_per_unit, force_listen_count, turn_gap_s)
+    plans = _plan_units(
+        checked.tokens, checked.turns, checked.ownership, checked.n_audio_units, float(unit_seconds),
+        int(max_speak_tokens_per_unit) - 2, checked.codes_per_unit, int(lookahead_tokens), int(force_listen_count),
+    )
+    return _write_layout(checked, plans, tokenizer, sample.system_prompt, float(unit_seconds), image_slots)
+
+
+@dataclass
+class _CheckedSample:
+    """A sample after every check, with its turns and code ownership worked out."""
+
+    layout: DuplexTokens
+    unit_samples: int
+    audio_slots: int
+    codes_per_unit: int
+    audio: np.ndarray
+    tokens: list
+    frames: list
+    codes: np.ndarray | None
+    ref_audio: np.ndarray | None
+    turns: list[int]
+    ownership: list[tuple[int, int]]
+    n_audio_units: int
+
+
+def _check_sample(sample, tokenizer, unit_seconds, max_speak_tokens_per_unit, lookahead_tokens, codes_per_unit,
+                  force_listen_count, turn_gap_s) -> _CheckedSample:
+    """Every check of a sample and of the options, before anything is laid out; typed errors name the problem."""
     if not isinstance(sample, DuplexSample):
         raise DuplexSampleError(f"sample must be a DuplexSample, got {type(sample).__name__}")
     if int(sample.sampling_rate) != SAMPLING_RATE:
@@ -386,33 +417,35 @@ def serialize_duplex(
     frames = _check_frames(sample.frames, duration_s)
     codes = _check_codes(sample.speech_codes, bool(tokens))
     ref_audio = None if sample.ref_audio is None else validate_waveform(sample.ref_audio, name="ref_audio")
-
     turns = _split_turns(tokens, float(turn_gap_s))
     ownership = _code_ownership(tokens, turns, codes, float(sample.speech_codes_start_s))
-    n_audio_units = math.ceil(audio.shape[0] / unit_samples)
-    plans = _plan_units(
-        tokens, turns, ownership, n_audio_units, float(unit_seconds), int(max_speak_tokens_per_unit) - 2,
-        codes_per_unit, int(lookahead_tokens), int(force_listen_count),
-    )
+    return _CheckedSample(layout, unit_samples, audio_slots, codes_per_unit, audio, tokens, frames, codes, ref_audio,
+                          turns, ownership, math.ceil(audio.shape[0] / unit_samples))
 
-    n_ref_slots = 0 if ref_audio is None else audio_token_count(ref_audio.shape[0])
-    input_ids = system_prefix_ids(tokenizer, sample.system_prompt, n_ref_slots, layout)
+
+def _write_layout(checked: _CheckedSample, plans: list[dict], tokenizer, system_prompt: str, unit_seconds: float,
+                  image_slots: int) -> DuplexSerialized:
+    """The planned units in the official layout: ids, labels, slot masks, per-unit records, audio and frames."""
+    layout, tokens, codes, frames = checked.layout, checked.tokens, checked.codes, checked.frames
+    unit_samples = checked.unit_samples
+    n_ref_slots = 0 if checked.ref_audio is None else audio_token_count(checked.ref_audio.shape[0])
+    input_ids = system_prefix_ids(tokenizer, system_prompt, n_ref_slots, layout)
     system_length = len(input_ids)
     supervised = [False] * system_length
     units, chunks, unit_frames = [], [], []
     padded = np.zeros(len(plans) * unit_samples, dtype=np.float32)
-    padded[: audio.shape[0]] = audio
+    padded[: checked.audio.shape[0]] = checked.audio
     code_owner = np.full(0 if codes is None else len(codes), -1, dtype=np.int64)
-    for index, (first, end) in enumerate(ownership):
+    for index, (first, end) in enumerate(checked.ownership):
         code_owner[first:end] = index
     frame_cursor = 0
     for k, plan in enumerate(plans):
-        start_s = k * float(unit_seconds)
+        start_s = k * unit_seconds
         while frame_cursor < len(frames) and frames[frame_cursor][0] <= start_s + 1e-9:
             frame_cursor += 1
         frame = frames[frame_cursor - 1][1] if frame_cursor else None
         text_ids = [int(tokens[index].token_id) for index in plan["text"]]
-        head = unit_input_ids(layout, frame is not None, audio_slots, image_slots)
+        head = unit_input_ids(layout, frame is not None, checked.audio_slots, image_slots)
         decision = unit_decision_ids(layout, plan["speak"], text_ids, plan["end_of_turn"])
         start_pos = len(input_ids)
         decision_pos = start_pos + len(head)
@@ -454,8 +487,8 @@ def serialize_duplex(
         units=units,
         audio_chunks=chunks,
         unit_frames=unit_frames,
-        ref_audio=ref_audio,
-        unit_seconds=float(unit_seconds),
+        ref_audio=checked.ref_audio,
+        unit_seconds=unit_seconds,
     )
 
 

@@ -15,12 +15,14 @@ import numpy as np
 from PIL import Image
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 
+from ..errors import ImageInputError
 
-class InvalidImageError(ValueError):
+
+class InvalidImageError(ImageInputError):
     """An image that cannot be sliced: empty, one pixel wide or high, or absurdly large."""
 
 
-class UnsupportedImageTypeError(TypeError):
+class UnsupportedImageTypeError(ImageInputError, TypeError):
     """An image given as something other than a PIL image, a numpy array or a torch tensor."""
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..errors import PromptError
 from .feature_extraction_minicpmo import SAMPLING_RATE, validate_waveform
 
 
@@ -23,7 +24,7 @@ MAX_NUM_FRAMES = 64
 FRAME_GRID_FPS = 10
 
 
-class MediaLoadingError(ValueError):
+class MediaLoadingError(PromptError):
     """A media item that cannot be loaded: missing or corrupt file, URL, unsupported value."""
 
 

@@ -17,6 +17,7 @@ import numpy as np
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
+from ..errors import ContextLengthError, PromptError
 from .chat_template_minicpmo import (
     AUDIO_PATTERN,
     CHAT_TEMPLATE,
@@ -32,11 +33,11 @@ from .media_loading_minicpmo import MediaLoadingError, expand_video_items, load_
 from .tokenization_minicpmo import MiniCPMOSpecialTokens, load_minicpmo_tokenizer
 
 
-class PlaceholderCountMismatchError(ValueError):
+class PlaceholderCountMismatchError(PromptError):
     """The number of "<image>./</image>" / "<audio>./</audio>" patterns differs from the media given."""
 
 
-class PromptTooLongError(ValueError):
+class PromptTooLongError(ContextLengthError):
     """A tokenized prompt is longer than the `max_length` that was asked for."""
 
 

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import AudioInputError
 from .feature_extraction_minicpmo import (
     HOP_LENGTH,
     SAMPLING_RATE,
@@ -52,7 +53,7 @@ SLIDE_STRIDE_SECONDS = 10.0
 MIN_KEEP_SECONDS = 1.0  # a slide always leaves at least this much audio (official guard)
 
 
-class StreamingMelError(ValueError):
+class StreamingMelError(AudioInputError):
     """A streaming mel configuration or state that cannot work (bad sizes, a state from another stream layout)."""
 
 

@@ -15,12 +15,14 @@ from dataclasses import dataclass, fields
 
 from transformers import PreTrainedTokenizerBase, Qwen2Tokenizer
 
+from ..errors import CheckpointError
+
 
 TOKENIZER_FILES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tokenizer_files")
 EXPECTED_VOCAB_SIZE = 151748
 
 
-class MissingSpecialTokenError(ValueError):
+class MissingSpecialTokenError(CheckpointError):
     """The tokenizer lacks one of the MiniCPM-o special tokens (it is not the MiniCPM-o vocabulary)."""
 
 

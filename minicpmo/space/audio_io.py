@@ -8,12 +8,13 @@ output wants int16 (float chunks would be peak-normalised one by one, which make
 import numpy as np
 import soundfile
 
+from minicpmo.errors import SpaceError
 from minicpmo.processing.media_loading_minicpmo import resample_audio
 
 MODEL_INPUT_RATE = 16000
 
 
-class BrowserAudioError(ValueError):
+class BrowserAudioError(SpaceError):
     """A microphone chunk has an unusable rate, shape or dtype."""
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from minicpmo.chat_prompts import system_message
+from minicpmo.errors import SpaceError
 from minicpmo.modeling.modeling_speech_decoder import SpeechSamplingConfig
 from minicpmo.modeling.modeling_speech_output import ChatChunk
 from minicpmo.processing.media_loading_minicpmo import load_audio, load_image
@@ -20,7 +21,7 @@ from .settings import SpaceSettings
 
 
 
-class ChatInputError(ValueError):
+class ChatInputError(SpaceError):
     """The user's message or voice cannot be used (empty message, unreadable file ...)."""
 
 

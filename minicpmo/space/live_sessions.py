@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from minicpmo.errors import SpaceError
+
 from .audio_io import UnitAssembler
 from .model_loading import LoadedModel
 from .settings import SpaceSettings
@@ -23,11 +25,11 @@ OUTPUT_RATE = 24000
 _STOP = object()
 
 
-class LiveSessionsBusy(RuntimeError):
+class LiveSessionsBusy(SpaceError, RuntimeError):
     """Every live slot is taken."""
 
 
-class LiveSessionClosed(RuntimeError):
+class LiveSessionClosed(SpaceError, RuntimeError):
     """The session was stopped, timed out or failed."""
 
 

@@ -3,6 +3,7 @@
 import numpy as np
 
 from minicpmo.duplex.replay import OUTPUT_RATE, read_recording, replay
+from minicpmo.errors import SpaceError
 
 from .model_loading import LoadedModel
 from .settings import SpaceSettings
@@ -10,7 +11,7 @@ from .settings import SpaceSettings
 EVENT_COLUMNS = ["unit", "time_s", "action", "text", "end_of_turn", "interrupted"]
 
 
-class ReplayInputError(ValueError):
+class ReplayInputError(SpaceError):
     """The uploaded recording cannot be replayed."""
 
 

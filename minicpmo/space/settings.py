@@ -7,8 +7,10 @@ Operators tune a deployment (live slots, idle timeout) and tests make the tiny r
 import os
 from dataclasses import dataclass
 
+from minicpmo.errors import SpaceError
 
-class SpaceSettingsError(ValueError):
+
+class SpaceSettingsError(SpaceError):
     """An environment variable holds a value the Space cannot use."""
 
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from minicpmo.errors import SyntheticDataError
 from minicpmo.processing.duplex_serializer_minicpmo import TimedToken
 
 from .speech import Utterance
 
 
-class AlignmentError(ValueError):
+class AlignmentError(SyntheticDataError):
     """Token offsets that cannot be aligned to the utterance (tokenizer without offsets, text mismatch)."""
 
 

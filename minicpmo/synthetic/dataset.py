@@ -20,6 +20,7 @@ from dataclasses import asdict
 import numpy as np
 from PIL import Image
 
+from minicpmo.errors import SyntheticDataError
 from minicpmo.processing.duplex_layout_minicpmo import DEFAULT_DUPLEX_SYSTEM_TEXT
 from minicpmo.processing.duplex_serializer_minicpmo import DuplexSample, TimedToken
 from minicpmo.processing.tokenization_minicpmo import load_minicpmo_tokenizer
@@ -36,7 +37,7 @@ SPLITS = {"train": 0, "heldout": 1}
 METADATA_FILE = "episodes.jsonl"
 
 
-class DatasetError(ValueError):
+class DatasetError(SyntheticDataError):
     """Bad dataset arguments (unknown split, negative size) or an on-disk dataset that does not match its format."""
 
 

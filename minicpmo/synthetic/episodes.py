@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
+from minicpmo.errors import SyntheticDataError
 from minicpmo.processing.duplex_serializer_minicpmo import TimedToken
 
 from .alignment import align_tokens
@@ -63,7 +64,7 @@ DESCRIBE_REQUESTS = ("Can you describe what you see?", "Tell me what is in the p
 STOP_LINES = ("Wait, stop please.", "Okay, stop, that is enough.", "Hold on, stop.")
 
 
-class EpisodeError(ValueError):
+class EpisodeError(SyntheticDataError):
     """An episode request that cannot be generated (unknown type, bad timing config)."""
 
 

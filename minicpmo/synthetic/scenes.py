@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 from PIL import Image, ImageDraw
 
+from minicpmo.errors import SyntheticDataError
+
 
 SHAPES = ("square", "circle", "triangle")
 COLOURS = {
@@ -29,7 +31,7 @@ BACKGROUND = (235, 235, 235)
 EVENT_KINDS = ("colour", "appear", "disappear")
 
 
-class SceneError(ValueError):
+class SceneError(SyntheticDataError):
     """A scene, event or question that is inconsistent (unknown shape/colour, bad cell, ambiguous target...)."""
 
 

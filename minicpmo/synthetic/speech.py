@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from minicpmo.errors import SyntheticDataError
+
 
 SAMPLE_RATE = 16000
 WORD_GAP_S = 0.06  # at 175 words per minute; scaled by 175 / speed
@@ -28,11 +30,11 @@ SILENCE_FRACTION = 0.02  # samples below this fraction of the word's peak count 
 TARGET_PEAK = 0.5
 
 
-class EspeakNotFoundError(RuntimeError):
+class EspeakNotFoundError(SyntheticDataError, RuntimeError):
     """espeak-ng is not installed (or not on PATH); synthetic speech cannot be generated."""
 
 
-class SpeechSynthesisError(ValueError):
+class SpeechSynthesisError(SyntheticDataError):
     """Bad synthesis input (empty text, unknown voice, speed out of range) or espeak-ng failed on it."""
 
 
