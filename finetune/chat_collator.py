@@ -13,7 +13,7 @@ import torch
 
 from minicpmo.processing.chat_template_minicpmo import messages_have_audio
 from minicpmo.processing.media_loading_minicpmo import expand_video_items, load_audio, load_image
-from minicpmo.processing.tokenization_minicpmo import MiniCPMOSpecialTokens
+from minicpmo.special_tokens import MiniCPMOSpecialTokens
 
 from .data import normalize_conversation
 from .errors import CollatorConfigError

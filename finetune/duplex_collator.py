@@ -15,14 +15,13 @@ when that unit has fewer than `codes_per_unit` codes.
 
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 
 from minicpmo.processing.duplex_serializer_minicpmo import (
-    SPEECH_CODE_RATE,
     DuplexSample,
     collate_duplex,
+    DuplexSerializerOptions,
     serialize_duplex,
 )
 
@@ -58,26 +57,25 @@ class DuplexCollator:
         self.processor = processor
         self.media_root = media_root
         self.speech_tokenizer = speech_tokenizer
-        self.turn_gap_s = float(turn_gap_s)
-        self.codes_per_unit = int(codes_per_unit) if codes_per_unit else int(round(unit_seconds * SPEECH_CODE_RATE))
-        self.serializer_options: dict[str, Any] = dict(
+        self.options = DuplexSerializerOptions(
             unit_seconds=unit_seconds,
             max_speak_tokens_per_unit=max_speak_tokens_per_unit,
             lookahead_tokens=lookahead_tokens,
             codes_per_unit=codes_per_unit,
             force_listen_count=force_listen_count,
-            turn_gap_s=turn_gap_s,
+            turn_gap_s=float(turn_gap_s),
             image_slots=int(image_slots or processor.image_processor.image_feature_size),
         )
+        self.codes_per_unit = self.options.resolved_codes_per_unit
 
     def serialize(self, row, index: int = 0):
         if isinstance(row, DuplexSample):
             sample = row
         else:
             sample = session_from_row(
-                row, self.processor.tokenizer, self.media_root, self.speech_tokenizer, self.turn_gap_s, index
+                row, self.processor.tokenizer, self.media_root, self.speech_tokenizer, self.options.turn_gap_s, index
             )
-        return serialize_duplex(sample, self.processor.tokenizer, **self.serializer_options)
+        return serialize_duplex(sample, self.processor.tokenizer, **self.options.as_kwargs())
 
     def speech_units(self, serialized, row: int, first_turn_id: int) -> list[SpeechUnitTarget]:
         """Speech targets of one serialized session; turn ids continue from `first_turn_id`."""

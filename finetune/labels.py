@@ -16,8 +16,8 @@ import torch
 # The label ignore index of the package's duplex serializer (torch / transformers losses skip it): one value for
 # every label tensor the collators build.
 from minicpmo.errors import DataFormatError
-from minicpmo.processing.duplex_serializer_minicpmo import IGNORE_INDEX
-from minicpmo.processing.tokenization_minicpmo import MiniCPMOSpecialTokens
+from minicpmo.special_tokens import IGNORE_INDEX
+from minicpmo.special_tokens import MiniCPMOSpecialTokens
 
 _token = MiniCPMOSpecialTokens.token_string
 EMPTY_THINK_TEXT = f"{_token('think_start')}\n\n{_token('think_end')}\n\n"

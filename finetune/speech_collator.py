@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from minicpmo.processing.tokenization_minicpmo import MiniCPMOSpecialTokens
+from minicpmo.special_tokens import MiniCPMOSpecialTokens
 
 from .chat_collator import TTS_BOS, TTS_EOS, TurnBasedCollator
 from .data import normalize_conversation

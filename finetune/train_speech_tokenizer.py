@@ -153,7 +153,6 @@ def train_speech_tokenizer(
     device = speech_tokenizer.device
     vocab = _phoneme_vocab(clips + (eval_clips or []))
     width = speech_tokenizer.config.n_state
-    generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     heads = TokenizerTrainingHeads(width, len(vocab)).to(device)
     parameters = list(speech_tokenizer.parameters()) + list(heads.parameters())

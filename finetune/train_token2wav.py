@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minicpmo.audio_utils import OUTPUT_SAMPLE_RATE
 from minicpmo.errors import TrainingError
 from minicpmo.modeling.audio_frontends_token2wav import fit_prompt_mel, kaldi_fbank_16k, prompt_mel_24k
 from minicpmo.modeling.modeling_hift import HiFTVocoder
@@ -44,7 +45,7 @@ try:
 except ImportError:  # pragma: no cover
     taf = None
 
-OUT_RATE = 24000
+OUT_RATE = OUTPUT_SAMPLE_RATE
 FRAME_SAMPLES = 480  # 24 kHz samples per 50 Hz mel frame
 SPEAKER_FRAMES = 100  # fbank frames (1 s) of the reference clip that CAMPPlus sees during flow training
 FLOW_SIGMA_MIN = 1e-6

@@ -105,6 +105,11 @@ def needs_cache_reset(cached_frames: int, unit_mel_frames: int, max_source_posit
     return cached_frames > 0 and cached_frames + encoder_frames_from_mel_frames(unit_mel_frames) >= max_source_positions
 
 
+def pcm_to_float32(samples: np.ndarray, name: str = "audio") -> np.ndarray:
+    """The one PCM normaliser: float samples as float32, int16 / int32 PCM scaled to [-1, 1) (any shape)."""
+    return _tensor_from_numpy(np.asarray(samples), name).numpy()
+
+
 def _tensor_from_numpy(array: np.ndarray, name: str) -> torch.Tensor:
     if array.dtype.kind == "f":
         return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
@@ -145,5 +150,6 @@ __all__ = [
     "frames_to_token_count",
     "mono_waveform",
     "needs_cache_reset",
+    "pcm_to_float32",
     "validate_waveform",
 ]

@@ -3,11 +3,9 @@
 from pathlib import Path
 
 import numpy as np
-import soundfile
-import torch
-import torchaudio
 
 from .errors import SpeechOutputError
+from .processing.media_loading_minicpmo import load_audio
 
 VOICES_DIR = Path(__file__).resolve().parent / "assets" / "voices"
 BUNDLED_VOICES = {
@@ -23,12 +21,8 @@ class UnknownVoiceError(SpeechOutputError):
 
 
 def read_audio_16k(path: str | Path) -> np.ndarray:
-    """Any soundfile-readable file -> mono float32 at 16 kHz."""
-    wav, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
-    mono = torch.from_numpy(wav.mean(axis=1))
-    if rate != 16000:
-        mono = torchaudio.functional.resample(mono, rate, 16000)
-    return mono.numpy().astype(np.float32)
+    """Any soundfile-readable file -> mono float32 at 16 kHz (the processor's one audio-file reader)."""
+    return load_audio(str(path))
 
 
 def load_voice(name_or_path: str | Path = DEFAULT_VOICE) -> np.ndarray:

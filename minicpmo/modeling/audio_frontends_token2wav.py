@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..audio_utils import InvalidAudioError, mono_waveform
+from ..audio_utils import INPUT_SAMPLE_RATE, OUTPUT_SAMPLE_RATE, InvalidAudioError, mono_waveform
 
 try:  # torchaudio is a pinned dependency; keep the import failure readable if it is missing.
     import torchaudio.compliance.kaldi as _kaldi
@@ -31,14 +31,14 @@ except ImportError:  # pragma: no cover - exercised only on broken installs
     _taf = None
 
 
-PROMPT_MEL_SAMPLE_RATE = 24000
+PROMPT_MEL_SAMPLE_RATE = OUTPUT_SAMPLE_RATE
 PROMPT_MEL_N_FFT = 1920
 PROMPT_MEL_HOP = 480
 PROMPT_MEL_WIN = 1920
 PROMPT_MEL_BINS = 80
 PROMPT_MEL_FMIN = 0.0
 PROMPT_MEL_FMAX = 8000.0
-FBANK_SAMPLE_RATE = 16000
+FBANK_SAMPLE_RATE = INPUT_SAMPLE_RATE
 FBANK_BINS = 80
 FBANK_MIN_SAMPLES = 400  # one 25 ms Kaldi frame at 16 kHz
 

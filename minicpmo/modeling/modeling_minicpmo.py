@@ -13,7 +13,6 @@ import safetensors.torch
 import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel, Qwen3Model
-from transformers import initialization as init
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import WeightRenaming
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast

@@ -30,6 +30,7 @@ from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsW
 
 from ..configuration.configuration_minicpmo import MiniCPMTTSConfig
 from ..errors import SpeechOutputError
+from ..special_tokens import IGNORE_INDEX
 from .modeling_projector import MultiModalProjector
 
 # Official constants: top-p/top-k never keep fewer than 3 codes; a streamed text chunk yields at most 500 codes;
@@ -47,7 +48,7 @@ class SpeechSamplingError(SpeechOutputError):
     """Sampling settings that cannot drive code generation."""
 
 
-SPEECH_IGNORE_INDEX = -100
+SPEECH_IGNORE_INDEX = IGNORE_INDEX
 
 
 @dataclass

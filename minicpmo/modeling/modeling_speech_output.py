@@ -23,13 +23,14 @@ from transformers.generation import (
     TopPLogitsWarper,
 )
 
+from ..audio_utils import OUTPUT_SAMPLE_RATE  # noqa: F401 (re-exported)
 from ..errors import SpeechOutputError
+from ..special_tokens import MiniCPMOSpecialTokens
 from .modeling_speech_decoder import SpeechSamplingConfig
 
-TTS_BOS_TOKEN_ID = 151703
-TTS_EOS_TOKEN_ID = 151704
-TEXT_STOP_TOKEN_IDS = (151645, 151643)  # <|im_end|>, <|endoftext|>
-OUTPUT_SAMPLE_RATE = 24000
+TTS_BOS_TOKEN_ID = MiniCPMOSpecialTokens.tts_bos
+TTS_EOS_TOKEN_ID = MiniCPMOSpecialTokens.tts_eos
+TEXT_STOP_TOKEN_IDS = (MiniCPMOSpecialTokens.im_end, MiniCPMOSpecialTokens.endoftext)
 
 
 @dataclass

@@ -77,6 +77,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from ..audio_utils import INPUT_SAMPLE_RATE
 from ..audio_utils import (  # noqa: F401 (audio error types re-exported with the tokenizer)
     AudioDtypeError,
     EmptyAudioError,
@@ -90,6 +91,7 @@ from ..configuration.configuration_token2wav import (  # noqa: F401 (config erro
     S3TokenizerConfigError,
 )
 from ..errors import AudioInputError
+from ..special_tokens import IGNORE_INDEX, SPEECH_CODEBOOK_SIZE
 
 try:  # optional: the quantiser's library
     from vector_quantize_pytorch import FSQ as _FSQ
@@ -102,15 +104,15 @@ except ImportError:  # pragma: no cover
     _taf = None
 
 
-S3_SAMPLE_RATE = 16000
+S3_SAMPLE_RATE = INPUT_SAMPLE_RATE
 S3_N_FFT = 400
 S3_HOP_LENGTH = 160
 S3_TOKEN_RATE = 25
-S3_CODEBOOK_SIZE = 3**8
+S3_CODEBOOK_SIZE = SPEECH_CODEBOOK_SIZE  # 3^8
 S3_SILENCE_CODE = 4218
 S3_MIN_SAMPLES = S3_N_FFT // 2 + 1  # the centred STFT reflect-pads n_fft // 2 samples
 OFFICIAL_FSQ_SCALE = 0.999  # float32 0.9990000128746033 in the ONNX graph
-DEFAULT_PADDING_CODE = -100  # the label ignore index of transformers / torch losses
+DEFAULT_PADDING_CODE = IGNORE_INDEX  # the label ignore index of transformers / torch losses
 
 
 class SpeechTokenizerInputError(AudioInputError):

@@ -46,6 +46,7 @@ from transformers.feature_extraction_utils import BatchFeature
 
 from ..audio_utils import encoder_frames_from_mel_frames, needs_cache_reset
 from ..errors import DataFormatError
+from ..special_tokens import IGNORE_INDEX, SPEECH_CODEBOOK_SIZE  # noqa: F401 (re-exported)
 from .duplex_layout_minicpmo import (
     DEFAULT_DUPLEX_SYSTEM_TEXT,
     IMAGE_SLOTS_PER_FRAME,
@@ -62,12 +63,11 @@ from .feature_extraction_minicpmo import (
     frames_to_token_count,
     validate_waveform,
 )
+from .image_processing_minicpmo import stack_patch_strips
 from .streaming_mel_minicpmo import StreamingMelProcessor
 
 
 SPEECH_CODE_RATE = 25  # S3 speech codes per second
-SPEECH_CODEBOOK_SIZE = 6561  # valid codes are 0..6560 (6561 is the TTS end-of-speech id)
-IGNORE_INDEX = -100
 
 
 class DuplexSampleError(DataFormatError):
@@ -164,6 +164,27 @@ class DuplexSerialized:
         return collate_duplex(
             [self], processor, return_tensors=return_tensors, max_source_positions=max_source_positions
         )
+
+
+@dataclass(frozen=True)
+class DuplexSerializerOptions:
+    """The options of `serialize_duplex`, one object for the serializer and the duplex collator."""
+
+    unit_seconds: float = 1.0
+    max_speak_tokens_per_unit: int = 20
+    lookahead_tokens: int = 2
+    codes_per_unit: int | None = None  # default: 25 per second of unit
+    force_listen_count: int = 0
+    turn_gap_s: float = 1.0
+    image_slots: int = IMAGE_SLOTS_PER_FRAME
+
+    @property
+    def resolved_codes_per_unit(self) -> int:
+        """Speech codes per unit, with the 25-per-second default applied (and the unit geometry checked)."""
+        return _check_unit_geometry(self.unit_seconds, self.codes_per_unit)[2]
+
+    def as_kwargs(self) -> dict:
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
 
 
 def _check_unit_geometry(unit_seconds: float, codes_per_unit: int | None) -> tuple[int, int, int]:
@@ -607,10 +628,6 @@ def collate_duplex(
     if frames:
         sliced = processor.image_processor.preprocess(frames, max_slice_nums=1)
         strips = [strip for per_image in sliced["pixel_values"] for strip in per_image]
-        width = max(strip.shape[-1] for strip in strips)
-        pixel_values = np.zeros((len(strips), *strips[0].shape[:2], width), dtype=np.float32)
-        for index, strip in enumerate(strips):
-            pixel_values[index, :, :, : strip.shape[-1]] = strip
-        data["pixel_values"] = torch.from_numpy(pixel_values)
+        data["pixel_values"] = torch.from_numpy(stack_patch_strips(strips))
         data["tgt_sizes"] = torch.from_numpy(np.concatenate(sliced["tgt_sizes"], axis=0).astype(np.int64))
     return BatchFeature(data=data)

@@ -245,3 +245,12 @@ class MiniCPMOImageProcessor(BaseImageProcessor):
         """Prompt text for one image whose grid was returned by `preprocess`."""
         use_id = self.use_image_id if use_image_id is None else use_image_id
         return image_placeholder_text(grid, image_idx, use_id, self.image_feature_size)
+
+
+def stack_patch_strips(strips: list[np.ndarray]) -> np.ndarray:
+    """Zero-pad patch strips (3, p, L*p) of different lengths into one [N, 3, p, Lmax*p] array."""
+    max_len = max(strip.shape[-1] for strip in strips)
+    pixel_values = np.zeros((len(strips), *strips[0].shape[:2], max_len), dtype=np.float32)
+    for row, strip in enumerate(strips):
+        pixel_values[row, :, :, : strip.shape[-1]] = strip
+    return pixel_values

@@ -28,7 +28,7 @@ from .chat_template_minicpmo import (
 )
 from .duplex_inputs_minicpmo import DuplexInputsMixin
 from .feature_extraction_minicpmo import MiniCPMOFeatureExtractor, UnsupportedSamplingRateError, validate_waveform
-from .image_processing_minicpmo import MiniCPMOImageProcessor
+from .image_processing_minicpmo import MiniCPMOImageProcessor, stack_patch_strips
 from .media_loading_minicpmo import MediaLoadingError, expand_video_items, load_audio, load_image
 from .tokenization_minicpmo import MiniCPMOSpecialTokens, load_minicpmo_tokenizer
 
@@ -83,15 +83,6 @@ def _split_per_sample(items: Any, counts: list[int], is_item, modality: str, pat
         per_sample.append(items[start : start + count])
         start += count
     return per_sample
-
-
-def _stack_strips(strips: list[np.ndarray]) -> np.ndarray:
-    """Zero-pad patch strips (3, p, L*p) of different lengths into one [N, 3, p, Lmax*p] array."""
-    max_len = max(strip.shape[-1] for strip in strips)
-    pixel_values = np.zeros((len(strips), *strips[0].shape[:2], max_len), dtype=np.float32)
-    for row, strip in enumerate(strips):
-        pixel_values[row, :, :, : strip.shape[-1]] = strip
-    return pixel_values
 
 
 class MiniCPMOProcessor(DuplexInputsMixin, ProcessorMixin):
@@ -262,7 +253,7 @@ class MiniCPMOProcessor(DuplexInputsMixin, ProcessorMixin):
             data["input_features"] = features["input_features"]
             data["input_features_mask"] = features["input_features_mask"]
         if strips:
-            data["pixel_values"] = _stack_strips(strips)
+            data["pixel_values"] = stack_patch_strips(strips)
             data["tgt_sizes"] = np.concatenate(tgt_sizes, axis=0).astype(np.int64)
 
         input_ids = self._tokenize(expanded_texts, add_special_tokens, max_length)
@@ -273,7 +264,7 @@ class MiniCPMOProcessor(DuplexInputsMixin, ProcessorMixin):
     def frame_inputs(self, frame, max_slice_nums: int = 1) -> BatchFeature:
         """One duplex video frame -> pixel_values [n, 3, p, L*p] and tgt_sizes [n, 2] tensors (448-class, no slicing)."""
         sliced = self.image_processor.preprocess([load_image(frame)], max_slice_nums=max_slice_nums)
-        data = {"pixel_values": _stack_strips(sliced["pixel_values"][0]),
+        data = {"pixel_values": stack_patch_strips(sliced["pixel_values"][0]),
                 "tgt_sizes": np.asarray(sliced["tgt_sizes"][0], dtype=np.int64)}
         return BatchFeature(data=data, tensor_type="pt")
 

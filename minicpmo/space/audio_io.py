@@ -8,10 +8,11 @@ output wants int16 (float chunks would be peak-normalised one by one, which make
 import numpy as np
 import soundfile
 
+from minicpmo.audio_utils import INPUT_SAMPLE_RATE, AudioDtypeError, pcm_to_float32
 from minicpmo.errors import SpaceError
 from minicpmo.processing.media_loading_minicpmo import resample_audio
 
-MODEL_INPUT_RATE = 16000
+MODEL_INPUT_RATE = INPUT_SAMPLE_RATE
 
 
 class BrowserAudioError(SpaceError):
@@ -28,17 +29,12 @@ def browser_chunk_to_mono(data: np.ndarray) -> np.ndarray:
     data = np.asarray(data)
     if data.ndim not in (1, 2):
         raise BrowserAudioError(f"microphone chunk must be 1-D or (samples, channels), got shape {data.shape}")
-    scales = {np.dtype(np.int16): 32768.0, np.dtype(np.int32): 2147483648.0}
-    if data.dtype in scales:
-        scale = scales[data.dtype]
-    elif np.issubdtype(data.dtype, np.floating):
-        scale = 1.0
-    else:
-        raise BrowserAudioError(f"microphone chunk has unsupported dtype {data.dtype}")
-    mono = data.astype(np.float64)
+    try:
+        mono = pcm_to_float32(data, name="microphone chunk")
+    except AudioDtypeError:
+        raise BrowserAudioError(f"microphone chunk has unsupported dtype {data.dtype}") from None
     if mono.ndim == 2:
         mono = mono.mean(axis=1)
-    mono = mono / scale
     if not np.isfinite(mono).all():
         raise BrowserAudioError("microphone chunk contains NaN or infinite samples")
     return mono.astype(np.float32)

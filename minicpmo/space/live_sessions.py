@@ -15,13 +15,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from minicpmo.audio_utils import OUTPUT_SAMPLE_RATE
 from minicpmo.errors import SpaceError
 
 from .audio_io import UnitAssembler
 from .model_loading import LoadedModel
 from .settings import SpaceSettings
 
-OUTPUT_RATE = 24000
+OUTPUT_RATE = OUTPUT_SAMPLE_RATE
 _STOP = object()
 
 

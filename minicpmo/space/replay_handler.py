@@ -7,6 +7,7 @@ from minicpmo.errors import SpaceError
 
 from .model_loading import LoadedModel
 from .settings import SpaceSettings
+from .tab_common import DUPLEX_SYSTEM_PROMPT
 
 EVENT_COLUMNS = ["unit", "time_s", "action", "text", "end_of_turn", "interrupted"]
 
@@ -32,7 +33,7 @@ def run_replay(loaded: LoadedModel, settings: SpaceSettings, path: str | None, s
                                f"{settings.replay_max_seconds:.0f} s")
     with loaded.lock:
         result = replay(
-            loaded.model, loaded.processor, audio, frames, system_prompt or "Streaming Omni Conversation.",
+            loaded.model, loaded.processor, audio, frames, system_prompt or DUPLEX_SYSTEM_PROMPT,
             ref_audio=ref_audio if generate_audio else None, generate_audio=generate_audio,
             force_listen_count=settings.live_force_listen_count if force_listen_count is None else force_listen_count,
             listen_bias=settings.live_listen_bias, max_speak_tokens_per_unit=settings.live_max_speak_tokens,

@@ -6,13 +6,15 @@ import inspect
 import gradio as gr
 import numpy as np
 
+from minicpmo.audio_utils import OUTPUT_SAMPLE_RATE
+from minicpmo.processing.duplex_layout_minicpmo import DEFAULT_DUPLEX_SYSTEM_TEXT
 from minicpmo.voices import DEFAULT_VOICE
 
 from .audio_io import to_int16
 from .chat_handlers import MODEL_VOICE_CHOICE, voice_choices
 
-SPEECH_RATE = 24000
-DUPLEX_SYSTEM_PROMPT = "Streaming Omni Conversation."
+SPEECH_RATE = OUTPUT_SAMPLE_RATE
+DUPLEX_SYSTEM_PROMPT = DEFAULT_DUPLEX_SYSTEM_TEXT
 USER_ERRORS = (ValueError, TypeError, RuntimeError, OSError)
 
 

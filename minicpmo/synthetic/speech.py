@@ -18,10 +18,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..audio_utils import INPUT_SAMPLE_RATE
 from minicpmo.errors import SyntheticDataError
 
 
-SAMPLE_RATE = 16000
+SAMPLE_RATE = INPUT_SAMPLE_RATE
 WORD_GAP_S = 0.06  # at 175 words per minute; scaled by 175 / speed
 COMMA_PAUSE_S = 0.18
 SENTENCE_PAUSE_S = 0.32
