@@ -98,9 +98,7 @@ def duplex_step(model, runtime: DuplexRuntime, state: DuplexState, audio, frame=
     time_s = state.unit_index * 1.0  # one unit per second of input
     unit_index = state.unit_index
 
-    started = time.perf_counter()
-    inputs, mel_state = runtime.processor.duplex_unit(audio, frame, state.mel_state)  # typed errors come first
-    timings["audio"] = time.perf_counter() - started
+    inputs, mel_state = runtime.processor.duplex_unit(audio, frame, state.mel_state, timings)  # typed errors first
     state.mel_state, state.unit_index = mel_state, unit_index + 1
     if inputs is None:  # not enough audio yet for a unit
         return DuplexOutput(True, "", None, False, time_s, timings, unit_index=unit_index)

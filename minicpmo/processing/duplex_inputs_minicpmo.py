@@ -8,6 +8,7 @@ explicit frozen object the caller keeps. The waveform is checked here, where it 
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -81,7 +82,7 @@ class DuplexInputsMixin:
         return BatchFeature(data=data)
 
     def duplex_unit(
-        self, audio: Any, frame: Any = None, mel_state: StreamingMelState | None = None
+        self, audio: Any, frame: Any = None, mel_state: StreamingMelState | None = None, timings: dict | None = None
     ) -> tuple[BatchFeature | None, StreamingMelState]:
         """One 1-s unit of a live session: audio (+ optional video frame) -> model inputs and the next mel state.
 
@@ -89,20 +90,27 @@ class DuplexInputsMixin:
             audio: the unit's 16 kHz mono samples (1 s in a live session; any length is buffered).
             frame: optional video frame (PIL image, array or path), encoded as one 448-class thumbnail.
             mel_state: the streaming mel state returned by the previous call (None: a new stream).
+            timings: optional dict; the seconds spent on the audio and on the frame are added to its "audio" and
+                "vision" entries (a live session reports its cost per stage).
 
         Returns:
             (inputs, mel_state). `inputs` is None while the buffer lacks the next unit; otherwise a BatchFeature with
             `input_ids` [1, L] (`<unit>` [+ 64 image slots] + 10 audio slots), `input_features` [1, 80, 102 or 104]
             (the unit's mel with its conv redundancy frames) and, with a frame, `pixel_values` and `tgt_sizes`.
         """
+        timings = {} if timings is None else timings
+        started = time.perf_counter()
         samples = torch.from_numpy(validate_waveform(audio, name="unit audio"))
         mel_chunk, mel_state = self.duplex_mel.step(samples, mel_state, checked=True)
+        timings["audio"] = timings.get("audio", 0.0) + time.perf_counter() - started
         if mel_chunk is None:
             return None, mel_state
         data: dict[str, Any] = {"input_features": mel_chunk}
         if frame is not None:
+            started = time.perf_counter()
             pixels = self.frame_inputs(frame)
             data["pixel_values"], data["tgt_sizes"] = pixels["pixel_values"], pixels["tgt_sizes"]
+            timings["vision"] = timings.get("vision", 0.0) + time.perf_counter() - started
         ids = unit_input_ids(
             self.duplex_tokens,
             has_frame=frame is not None,
