@@ -7,7 +7,7 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-OPTIONAL_STACKS = ("gradio", "trl", "peft", "datasets", "matplotlib", "faster_whisper", "ctranslate2")
+OPTIONAL_STACKS = ("gradio", "trl", "peft", "datasets", "matplotlib", "faster_whisper", "ctranslate2", "jiwer")
 
 USE_THE_MODEL = r"""
 import sys, torch
