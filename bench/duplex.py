@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from minicpmo import MiniCPMOForConditionalGeneration, MiniCPMOProcessor, tiny_config
+from minicpmo.audio_utils import INPUT_SAMPLE_RATE
 from minicpmo.duplex import STAGES
 from minicpmo.voices import load_voice
 
@@ -44,11 +45,11 @@ def run(model, processor, n_units, frame_every, speak_every, voice):
     session = model.duplex_session(processor, ref_audio=voice, force_listen_count=0, n_timesteps=5)
     rng = np.random.default_rng(0)
     frame = Image.fromarray(rng.integers(0, 255, (448, 448, 3), dtype=np.uint8))
-    t = np.arange(16000) / 16000
+    t = np.arange(INPUT_SAMPLE_RATE) / INPUT_SAMPLE_RATE
     rows = []
     for k in range(n_units):
         session.config.listen_bias = -1e9 if speak_every and k % speak_every == 0 else 1e9
-        audio = (0.2 * np.sin(2 * np.pi * 220 * t) + 0.02 * rng.standard_normal(16000)).astype(np.float32)
+        audio = (0.2 * np.sin(2 * np.pi * 220 * t) + 0.02 * rng.standard_normal(INPUT_SAMPLE_RATE)).astype(np.float32)
         start = time.perf_counter()
         out = session.step(audio, frame if frame_every and k % frame_every == 0 else None)
         total = time.perf_counter() - start

@@ -16,6 +16,8 @@ import time
 import torch
 
 from minicpmo import MiniCPMOForConditionalGeneration, MiniCPMOProcessor, official_config, tiny_config
+from minicpmo.audio_utils import INPUT_SAMPLE_RATE, OUTPUT_SAMPLE_RATE
+from minicpmo.special_tokens import SPEECH_CODEBOOK_SIZE
 from minicpmo.modeling.modeling_speech_decoder import MiniCPMOSpeechDecoder, SpeechSamplingConfig
 from minicpmo.configuration.configuration_presets import tiny_token2wav_config
 from minicpmo.configuration.configuration_token2wav import Token2WavConfig
@@ -38,14 +40,14 @@ def bench_decoder(config, n_codes=100):
 def bench_token2wav(config, voice_wav, seconds=4.0):
     torch.manual_seed(0)
     t2w = MiniCPMOToken2Wav(config).eval()
-    voice = t2w.prepare_voice(voice_wav, 16000)
-    codes = torch.randint(0, 6561, (int(seconds * 25),))
+    voice = t2w.prepare_voice(voice_wav, INPUT_SAMPLE_RATE)
+    codes = torch.randint(0, SPEECH_CODEBOOK_SIZE, (int(seconds * 25),))
     rows = {}
     with torch.inference_mode():
         for steps in (5, 10):
             start = time.perf_counter()
             wav = t2w.synthesize(codes, voice, n_timesteps=steps)
-            offline = (time.perf_counter() - start) / (wav.numel() / 24000)
+            offline = (time.perf_counter() - start) / (wav.numel() / OUTPUT_SAMPLE_RATE)
             state = t2w.start_stream(voice, n_timesteps=steps)
             start = time.perf_counter()
             first, total = None, 0
@@ -54,7 +56,7 @@ def bench_token2wav(config, voice_wav, seconds=4.0):
                 total += out.numel()
                 if first is None and out.numel():
                     first = time.perf_counter() - start
-            streaming = (time.perf_counter() - start) / (total / 24000)
+            streaming = (time.perf_counter() - start) / (total / OUTPUT_SAMPLE_RATE)
             rows[steps] = (offline, streaming, first)
     return rows
 

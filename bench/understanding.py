@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from minicpmo import MiniCPMOForConditionalGeneration, MiniCPMOProcessor, tiny_config
+from minicpmo.audio_utils import INPUT_SAMPLE_RATE
 
 
 def mid_config():
@@ -44,7 +45,7 @@ def mid_config():
 def cases(processor):
     rng = np.random.default_rng(0)
     picture = Image.fromarray(rng.integers(0, 255, size=(1344, 1344, 3), dtype=np.uint8))
-    audio = (0.1 * rng.standard_normal(160000)).astype(np.float32)
+    audio = (0.1 * rng.standard_normal(10 * INPUT_SAMPLE_RATE)).astype(np.float32)
     question = "Please describe everything you can perceive in as much detail as possible."
     turn = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
     yield "text", processor(text=[turn.format(question * 4)], return_tensors="pt")

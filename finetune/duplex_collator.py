@@ -15,6 +15,7 @@ when that unit has fewer than `codes_per_unit` codes.
 
 from __future__ import annotations
 
+from dataclasses import replace
 
 import torch
 
@@ -34,9 +35,11 @@ class DuplexCollator:
     + `input_features_mask`, optional `pixel_values` + `tgt_sizes`, and the `speech_*` targets.
 
     Rows are JSONL mappings (duplex_data format) or ready `DuplexSample`s (in-memory sessions, e.g. synthetic
-    episodes). Serializer options (`unit_seconds`, `max_speak_tokens_per_unit`, `lookahead_tokens`,
-    `codes_per_unit`, `force_listen_count`, `turn_gap_s`, `image_slots`: default the processor's
-    `image_feature_size`, which must equal the model's `query_num`) pass through to `serialize_duplex`.
+    episodes). Serializer options are the fields of `DuplexSerializerOptions` (`unit_seconds`,
+    `max_speak_tokens_per_unit`, `lookahead_tokens`, `codes_per_unit`, `force_listen_count`, `turn_gap_s`,
+    `image_slots`), given as one `options` object and/or as keywords (a recipe's `collator:` keys), which override
+    it; they pass through to `serialize_duplex`. `image_slots`, unless given, is the processor's
+    `image_feature_size`, which must equal the model's `query_num`.
     `speech_tokenizer` (the model's `token2wav.speech_tokenizer`, which `finetune.sft` passes in) encodes
     `assistant_speech.audio`; sessions with precomputed codes need none.
     """
@@ -46,26 +49,18 @@ class DuplexCollator:
         processor,
         media_root=None,
         speech_tokenizer=None,
-        unit_seconds: float = 1.0,
-        max_speak_tokens_per_unit: int = 20,
-        lookahead_tokens: int = 2,
-        codes_per_unit: int | None = None,
-        force_listen_count: int = 0,
-        turn_gap_s: float = 1.0,
-        image_slots: int | None = None,
+        options: DuplexSerializerOptions | None = None,
+        **option_values,
     ):
         self.processor = processor
         self.media_root = media_root
         self.speech_tokenizer = speech_tokenizer
-        self.options = DuplexSerializerOptions(
-            unit_seconds=unit_seconds,
-            max_speak_tokens_per_unit=max_speak_tokens_per_unit,
-            lookahead_tokens=lookahead_tokens,
-            codes_per_unit=codes_per_unit,
-            force_listen_count=force_listen_count,
-            turn_gap_s=float(turn_gap_s),
-            image_slots=int(image_slots or processor.image_processor.image_feature_size),
-        )
+        if option_values.get("image_slots") is None:
+            option_values.pop("image_slots", None)
+            if options is None:
+                option_values["image_slots"] = processor.image_processor.image_feature_size
+        options = replace(options or DuplexSerializerOptions(), **option_values)  # unknown keys: TypeError
+        self.options = replace(options, turn_gap_s=float(options.turn_gap_s), image_slots=int(options.image_slots))
         self.codes_per_unit = self.options.resolved_codes_per_unit
 
     def serialize(self, row, index: int = 0):

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minicpmo.audio_utils import OUTPUT_SAMPLE_RATE
+from minicpmo.audio_utils import INPUT_SAMPLE_RATE, OUTPUT_SAMPLE_RATE
 from minicpmo.errors import TrainingError
 from minicpmo.modeling.audio_frontends_token2wav import fit_prompt_mel, kaldi_fbank_16k, prompt_mel_24k
 from minicpmo.modeling.modeling_hift import HiFTVocoder
@@ -226,7 +226,7 @@ def pitch_track(audio16k: np.ndarray, n_frames: int, fmin: float = 70.0, fmax: f
     correlation exceeds 0.6 and the frame is not near-silent; the shortest lag within 90 % of the best one is
     taken, which avoids octave-down errors.
     """
-    rate, hop, width = 16000, 320, 480
+    rate, hop, width = INPUT_SAMPLE_RATE, 320, 480
     min_lag, max_lag = int(rate / fmax), int(rate / fmin)
     audio = torch.from_numpy(np.ascontiguousarray(audio16k, dtype=np.float32))
     audio = F.pad(audio, (80, n_frames * hop + width + max_lag))
@@ -410,7 +410,7 @@ def evaluate_resynthesis(
         mel_l1.append((mel_a[:frames] - mel_b[:frames]).abs().mean().item())
 
         reference_codes = scorer.speech_tokenizer.encode(clip.audio, clip.sample_rate)
-        back = scorer.speech_tokenizer.encode(taf.resample(wav, OUT_RATE, 16000), 16000)
+        back = scorer.speech_tokenizer.encode(taf.resample(wav, OUT_RATE, INPUT_SAMPLE_RATE), INPUT_SAMPLE_RATE)
         n = min(reference_codes.numel(), back.numel())
         same += int((reference_codes[:n] == back[:n]).sum())
         same_digits += int((_digits(reference_codes[:n], levels) == _digits(back[:n], levels)).sum())

@@ -105,6 +105,17 @@ def needs_cache_reset(cached_frames: int, unit_mel_frames: int, max_source_posit
     return cached_frames > 0 and cached_frames + encoder_frames_from_mel_frames(unit_mel_frames) >= max_source_positions
 
 
+def read_audio_file(source) -> tuple[np.ndarray, int]:
+    """The one audio-file reader: (float32 mono samples at the file's rate, channels averaged, and that rate).
+
+    `source` is a path or a binary file object (e.g. `io.BytesIO` of a wav); soundfile's errors pass through.
+    `processing.media_loading_minicpmo.load_audio` adds the path checks, validation and resampling to 16 kHz."""
+    import soundfile
+
+    data, rate = soundfile.read(source, dtype="float32", always_2d=True)
+    return np.ascontiguousarray(data.mean(axis=1), dtype=np.float32), int(rate)
+
+
 def pcm_to_float32(samples: np.ndarray, name: str = "audio") -> np.ndarray:
     """The one PCM normaliser: float samples as float32, int16 / int32 PCM scaled to [-1, 1) (any shape)."""
     return _tensor_from_numpy(np.asarray(samples), name).numpy()
@@ -151,5 +162,6 @@ __all__ = [
     "mono_waveform",
     "needs_cache_reset",
     "pcm_to_float32",
+    "read_audio_file",
     "validate_waveform",
 ]

@@ -54,3 +54,50 @@ def test_browser_chunks_and_model_inputs_share_one_pcm_normaliser(dtype):
     np.testing.assert_array_equal(browser_chunk_to_mono(samples), mono)
     np.testing.assert_array_equal(browser_chunk_to_mono(np.stack([samples, samples], 1)), mono)
     assert np.abs(mono).max() <= 1.0
+
+
+def test_one_audio_file_reader_serves_files_and_bytes(tmp_path):
+    import io
+
+    import soundfile
+
+    from minicpmo.processing.media_loading_minicpmo import load_audio
+    from minicpmo.synthetic import speech
+
+    rng = np.random.default_rng(0)
+    stereo = rng.uniform(-0.5, 0.5, (2400, 2)).astype(np.float32)
+    path = tmp_path / "stereo.wav"
+    soundfile.write(path, stereo, audio_utils.OUTPUT_SAMPLE_RATE, subtype="FLOAT")
+    mono, rate = audio_utils.read_audio_file(str(path))
+    assert rate == audio_utils.OUTPUT_SAMPLE_RATE and mono.dtype == np.float32
+    np.testing.assert_allclose(mono, stereo.mean(axis=1), atol=1e-7)
+    assert load_audio(str(path)).shape == (1600,)  # the same reader, resampled to 16 kHz
+    buffer = io.BytesIO()
+    soundfile.write(buffer, stereo, audio_utils.INPUT_SAMPLE_RATE, format="WAV", subtype="FLOAT")
+    from_bytes, rate = speech._read_wav(buffer.getvalue())
+    assert rate == audio_utils.INPUT_SAMPLE_RATE
+    np.testing.assert_array_equal(from_bytes, mono)
+
+
+def test_serializer_and_duplex_collator_share_one_options_object():
+    import inspect
+    from dataclasses import fields
+    from types import SimpleNamespace
+
+    from finetune.duplex_collator import DuplexCollator
+    from minicpmo.processing.duplex_serializer_minicpmo import DuplexSerializerOptions, serialize_duplex
+
+    defaults = DuplexSerializerOptions()
+    parameters = inspect.signature(serialize_duplex).parameters
+    assert {f.name: parameters[f.name].default for f in fields(defaults)} == defaults.as_kwargs()
+
+    processor = SimpleNamespace(image_processor=SimpleNamespace(image_feature_size=16))
+    assert DuplexCollator(processor).options == DuplexSerializerOptions(image_slots=16)
+    keyword = DuplexCollator(processor, lookahead_tokens=3, turn_gap_s=2, image_slots=None)
+    assert keyword.options == DuplexSerializerOptions(lookahead_tokens=3, turn_gap_s=2.0, image_slots=16)
+    given = DuplexSerializerOptions(unit_seconds=2.0, image_slots=8)
+    assert DuplexCollator(processor, options=given).options == given
+    assert DuplexCollator(processor, options=given, force_listen_count=1).options.force_listen_count == 1
+    assert DuplexCollator(processor, options=given).codes_per_unit == 50
+    with pytest.raises(TypeError):
+        DuplexCollator(processor, unit_secs=1.0)

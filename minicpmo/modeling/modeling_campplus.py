@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..configuration.configuration_token2wav import CAMPPlusConfig
-from .audio_frontends_token2wav import InvalidAudioError, kaldi_fbank_16k
+from .audio_frontends_token2wav import FBANK_SAMPLE_RATE, InvalidAudioError, kaldi_fbank_16k
 
 
 def _bn_relu(channels: int) -> nn.Sequential:
@@ -237,7 +237,7 @@ class CAMPPlus(nn.Module):
 class SpeakerEmbedder(CAMPPlus):
     """CAMPPlus plus its front-end: ``embed(wav16k) -> Tensor[192]`` for one reference voice."""
 
-    def features(self, wav16k, sample_rate: int = 16000) -> torch.Tensor:
+    def features(self, wav16k, sample_rate: int = FBANK_SAMPLE_RATE) -> torch.Tensor:
         """Kaldi fbank minus its mean over time: [T, 80]."""
         fbank = kaldi_fbank_16k(wav16k, sample_rate)
         if fbank.shape[0] < self.config.min_frames:
@@ -247,7 +247,7 @@ class SpeakerEmbedder(CAMPPlus):
         return fbank - fbank.mean(dim=0, keepdim=True)
 
     @torch.no_grad()
-    def embed(self, wav16k: np.ndarray | torch.Tensor, sample_rate: int = 16000) -> torch.Tensor:
+    def embed(self, wav16k: np.ndarray | torch.Tensor, sample_rate: int = FBANK_SAMPLE_RATE) -> torch.Tensor:
         """16 kHz mono audio -> 192-d embedding (inference statistics, whatever the module's mode)."""
         parameter = next(self.parameters())
         features = self.features(wav16k, sample_rate).to(device=parameter.device, dtype=parameter.dtype)

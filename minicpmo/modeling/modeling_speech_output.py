@@ -23,7 +23,7 @@ from transformers.generation import (
     TopPLogitsWarper,
 )
 
-from ..audio_utils import OUTPUT_SAMPLE_RATE  # noqa: F401 (re-exported)
+from ..audio_utils import INPUT_SAMPLE_RATE, OUTPUT_SAMPLE_RATE, read_audio_file  # noqa: F401 (re-exported)
 from ..errors import SpeechOutputError
 from ..special_tokens import MiniCPMOSpecialTokens
 from .modeling_speech_decoder import SpeechSamplingConfig
@@ -99,7 +99,7 @@ class MiniCPMOSpeechOutputMixin:
         if getattr(self, "tts", None) is None or getattr(self, "token2wav", None) is None:
             raise SpeechOutputError("this model was built with init_tts=False; it has no speech decoder / token2wav")
 
-    def prepare_voice(self, ref_audio, sample_rate: int = 16000):
+    def prepare_voice(self, ref_audio, sample_rate: int = INPUT_SAMPLE_RATE):
         """Reference clip (np.ndarray / tensor at `sample_rate`, or a path) -> the token2wav voice prompt."""
         self._require_speech()
         if ref_audio is None:
@@ -108,9 +108,7 @@ class MiniCPMOSpeechOutputMixin:
                 "message (bundled voices: minicpmo.voices.load_voice('en_dlc'))"
             )
         if isinstance(ref_audio, str):
-            import soundfile
-
-            ref_audio, sample_rate = soundfile.read(ref_audio, dtype="float32", always_2d=False)
+            ref_audio, sample_rate = read_audio_file(ref_audio)
         return self.token2wav.prepare_voice(ref_audio, sample_rate)
 
     # --- generate(return_audio=True) ---------------------------------------------------------------------------

@@ -46,7 +46,7 @@ from transformers.feature_extraction_utils import BatchFeature
 
 from ..audio_utils import encoder_frames_from_mel_frames, needs_cache_reset
 from ..errors import DataFormatError
-from ..special_tokens import IGNORE_INDEX, SPEECH_CODEBOOK_SIZE  # noqa: F401 (re-exported)
+from ..special_tokens import IGNORE_INDEX, SPEECH_CODEBOOK_SIZE, MiniCPMOSpecialTokens  # noqa: F401 (re-exported)
 from .duplex_layout_minicpmo import (
     DEFAULT_DUPLEX_SYSTEM_TEXT,
     IMAGE_SLOTS_PER_FRAME,
@@ -185,6 +185,9 @@ class DuplexSerializerOptions:
 
     def as_kwargs(self) -> dict:
         return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+
+_DEFAULTS = DuplexSerializerOptions()  # serialize_duplex's keyword defaults are these, not a second copy
 
 
 def _check_unit_geometry(unit_seconds: float, codes_per_unit: int | None) -> tuple[int, int, int]:
@@ -372,13 +375,13 @@ def _plan_units(
 def serialize_duplex(
     sample: DuplexSample,
     tokenizer,
-    unit_seconds: float = 1.0,
-    max_speak_tokens_per_unit: int = 20,
-    lookahead_tokens: int = 2,
-    codes_per_unit: int | None = None,
-    force_listen_count: int = 0,
-    turn_gap_s: float = 1.0,
-    image_slots: int = IMAGE_SLOTS_PER_FRAME,
+    unit_seconds: float = _DEFAULTS.unit_seconds,
+    max_speak_tokens_per_unit: int = _DEFAULTS.max_speak_tokens_per_unit,
+    lookahead_tokens: int = _DEFAULTS.lookahead_tokens,
+    codes_per_unit: int | None = _DEFAULTS.codes_per_unit,
+    force_listen_count: int = _DEFAULTS.force_listen_count,
+    turn_gap_s: float = _DEFAULTS.turn_gap_s,
+    image_slots: int = _DEFAULTS.image_slots,
 ) -> DuplexSerialized:
     """Serialize a recorded duplex session into the official unit layout with TAIL text/speech assignment.
 
@@ -598,7 +601,7 @@ def collate_duplex(
             f"{max_source_positions!r}"
         )
     if pad_token_id is None:
-        pad_token_id = processor.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+        pad_token_id = processor.tokenizer.convert_tokens_to_ids(MiniCPMOSpecialTokens.token_string("endoftext"))
     longest = max(int(item.input_ids.shape[0]) for item in items)
     input_ids = torch.full((len(items), longest), int(pad_token_id), dtype=torch.long)
     labels = torch.full((len(items), longest), IGNORE_INDEX, dtype=torch.long)

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..audio_utils import read_audio_file
 from ..errors import PromptError
 from .feature_extraction_minicpmo import SAMPLING_RATE, validate_waveform
 
@@ -71,10 +72,10 @@ def load_audio(value: Any, sampling_rate: int | None = None) -> np.ndarray:
 
         path = _check_local_path(value, "audio")
         try:
-            data, file_rate = soundfile.read(path, dtype="float32", always_2d=True)
+            mono, file_rate = read_audio_file(path)
         except (RuntimeError, soundfile.LibsndfileError) as error:
             raise MediaLoadingError(f"cannot read audio file {path!r}: {error}") from error
-        waveform = validate_waveform(data.mean(axis=1), name=f"audio file {path!r}")
+        waveform = validate_waveform(mono, name=f"audio file {path!r}")
         return resample_audio(waveform, file_rate)
     waveform = validate_waveform(value)
     return resample_audio(waveform, sampling_rate or SAMPLING_RATE)

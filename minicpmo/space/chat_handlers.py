@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from minicpmo.audio_utils import INPUT_SAMPLE_RATE
 from minicpmo.chat_prompts import system_message
 from minicpmo.errors import SpaceError
 from minicpmo.modeling.modeling_speech_decoder import SpeechSamplingConfig
@@ -41,8 +42,10 @@ def resolve_voice(voice_name: str | None, voice_upload: str | None, model_voice:
             voice = read_audio_16k(voice_upload)
         except Exception as error:  # soundfile raises several types for broken files
             raise ChatInputError(f"cannot read the uploaded voice file: {error}") from error
-        if voice.shape[0] < 16000:
-            raise ChatInputError(f"the uploaded voice is {voice.shape[0] / 16000:.2f} s long; give at least 1 s")
+        if voice.shape[0] < INPUT_SAMPLE_RATE:
+            raise ChatInputError(
+                f"the uploaded voice is {voice.shape[0] / INPUT_SAMPLE_RATE:.2f} s long; give at least 1 s"
+            )
         return voice
     if voice_name == MODEL_VOICE_CHOICE:
         if not model_voice:

@@ -2,6 +2,7 @@
 
 import numpy as np
 
+from minicpmo.audio_utils import INPUT_SAMPLE_RATE
 from minicpmo.duplex.replay import OUTPUT_RATE, read_recording, replay
 from minicpmo.errors import SpaceError
 
@@ -25,7 +26,7 @@ def run_replay(loaded: LoadedModel, settings: SpaceSettings, path: str | None, s
         audio, frames = read_recording(path)
     except Exception as error:
         raise ReplayInputError(f"cannot read the recording: {error}") from error
-    seconds = audio.shape[0] / 16000
+    seconds = audio.shape[0] / INPUT_SAMPLE_RATE
     if seconds <= 0:
         raise ReplayInputError("the recording has no audio samples")
     if seconds > settings.replay_max_seconds:

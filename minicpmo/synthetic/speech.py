@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..audio_utils import INPUT_SAMPLE_RATE
+from ..audio_utils import INPUT_SAMPLE_RATE, read_audio_file
 from minicpmo.errors import SyntheticDataError
 
 
@@ -88,12 +88,7 @@ def espeak_available() -> bool:
 
 
 def _read_wav(data: bytes) -> tuple[np.ndarray, int]:
-    import soundfile
-
-    audio, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=False)
-    if audio.ndim == 2:
-        audio = audio.mean(axis=1)
-    return audio, int(rate)
+    return read_audio_file(io.BytesIO(data))
 
 
 @functools.lru_cache(maxsize=4)
