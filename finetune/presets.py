@@ -26,6 +26,9 @@ SPEECH_DECODER_LINEAR_REGEX = (
 PROJECTOR_MODULES = ("resampler", "audio_projection_layer")
 SPEECH_DECODER_PARAMETERS = r"(?:.*\.)?tts\..*"
 ALL_PARAMETERS = r".*"
+# every parameter outside the vision tower, the resampler, the audio tower (encoders kept as they are) and token2wav
+# (trained on its own losses)
+OUTSIDE_ENCODERS = r"(?!(?:.*\.)?(?:vpm|resampler|apm|token2wav)\.).*"
 
 
 class PresetError(ConfigError):
@@ -85,6 +88,12 @@ PRESETS: dict[str, TrainingPreset] = {
             trainable_parameters=ALL_PARAMETERS,
         ),
         TrainingPreset("full", "every parameter trained in place (alias of joint_sft)", trainable_parameters=ALL_PARAMETERS),
+        TrainingPreset(
+            "sft_frozen_encoders",
+            "joint SFT with the vision tower, resampler and audio tower frozen (encoders pretrained or trained "
+            "in a perception stage) and token2wav frozen: the audio projector, the LLM and the speech decoder train",
+            trainable_parameters=OUTSIDE_ENCODERS,
+        ),
     )
 }
 

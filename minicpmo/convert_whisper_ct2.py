@@ -123,6 +123,24 @@ def whisper_encoder_config_values(arrays: dict[str, np.ndarray]) -> dict:
                 max_source_positions=int(arrays["encoder/position_encodings/encodings"].shape[0]))
 
 
+def load_whisper_ct2_encoder(apm, model_dir: str | Path) -> dict:
+    """Load the encoder of a CTranslate2 Whisper folder into the audio tower `apm` in place; returns its WhisperConfig
+    values. The tower's config must have the same shape (d_model, layers, heads, ffn, mel bins, positions)."""
+    arrays = read_ct2_arrays(Path(model_dir) / "model.bin")
+    values = whisper_encoder_config_values(arrays)
+    config = apm.config
+    mismatched = {name: (getattr(config, name, None), value) for name, value in values.items()
+                  if getattr(config, name, None) != value}
+    if mismatched:
+        raise WhisperConversionError(
+            "the audio tower's config does not have the shape of this Whisper encoder: "
+            + ", ".join(f"{name} is {have} here, {want} there" for name, (have, want) in sorted(mismatched.items())))
+    parameter = next(apm.parameters())
+    state = {name: value.to(parameter.dtype) for name, value in whisper_encoder_state_dict(arrays).items()}
+    apm.load_state_dict(state, strict=True)
+    return values
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m minicpmo.convert_whisper_ct2", description=__doc__.splitlines()[0])
     parser.add_argument("model_dir", help="CTranslate2 Whisper folder (with model.bin)")

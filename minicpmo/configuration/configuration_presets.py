@@ -100,12 +100,14 @@ def _tiny_values() -> dict:
 
 def demo_config(**overrides) -> MiniCPMOConfig:
     """The layout of the model trained here on the synthetic world (`python -m finetune.demo`) and shipped as the
-    app's default: the real vocabulary with tied input/output embeddings, a 4-layer 48-wide LLM, 16 resampler
-    queries per image, and small encoders, speech decoder and token2wav, so the bf16 checkpoint stays below 30 MB."""
+    app's default: the real vocabulary with tied input/output embeddings, a 4-layer 64-wide LLM, 16 resampler
+    queries per image, a small vision tower, an audio tower of Whisper tiny.en's shape (d_model 384, 4 layers,
+    6 heads: the pipeline starts it from those weights, as MiniCPM-o starts from Whisper-medium), and a small
+    speech decoder and token2wav, so the bf16 checkpoint stays below 64 MiB."""
     values = _tiny_values()
     values.update(
-        hidden_size=48,
-        intermediate_size=192,
+        hidden_size=64,
+        intermediate_size=256,
         num_hidden_layers=4,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -118,10 +120,10 @@ def demo_config(**overrides) -> MiniCPMOConfig:
         num_attention_heads=2, image_size=980, patch_size=14, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6,
     )
     values["audio_config"] = dict(
-        values["audio_config"], d_model=48, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=192,
+        values["audio_config"], d_model=384, encoder_layers=4, encoder_attention_heads=6, encoder_ffn_dim=1536,
     )
     values["tts_config"] = dict(
-        values["tts_config"], llm_dim=48, hidden_size=24, intermediate_size=96, num_attention_heads=2,
+        values["tts_config"], llm_dim=64, hidden_size=32, intermediate_size=128, num_attention_heads=2,
         num_key_value_heads=2, num_hidden_layers=2, backbone_vocab_size=1,
     )
     values["token2wav_config"] = demo_token2wav_config()
