@@ -167,3 +167,52 @@ def test_chat_tab_streams_text_and_speech_then_retries_and_clears(app):
             poll(page, bubbles_js, lambda r: not any("Say hello." in text for text in r), 30)
         finally:
             browser.close()
+
+
+def test_chat_example_is_answered_and_spoken_in_one_click(app):
+    from playwright.sync_api import sync_playwright
+
+    from minicpmo.space.chat_examples import chat_examples
+
+    _, url = app
+    first = chat_examples()[0]
+    bubbles_js = "() => Array.from(document.querySelectorAll('#chatbot .message-row')).map(m => m.innerText.trim())"
+    speech_js = "() => Array.from(document.querySelectorAll('#chat-speech audio')).map(a => a.currentSrc)"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                                             args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                                                   "--autoplay-policy=no-user-gesture-required"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1600})
+            page.goto(url)
+            page.locator("#chat-examples").get_by_text(first.question).first.click()
+            rows = poll(page, bubbles_js, lambda r: any(first.question in text for text in r) and len(r) >= 2
+                        and r[-1] not in ("", "…"), 60)
+            assert first.question in rows[0]
+            poll(page, speech_js, lambda srcs: any(src.startswith("blob:") for src in srcs), 60)
+        finally:
+            browser.close()
+
+
+def test_live_tab_plays_a_demo_episode_without_webcam_or_microphone(app):
+    from playwright.sync_api import sync_playwright
+
+    _, url = app
+    view_js = "() => { const i = document.querySelector('#live-episode-view img'); return i ? i.src : null }"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                                             args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                                                   "--autoplay-policy=no-user-gesture-required"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1600})
+            page.goto(url)
+            page.get_by_role("tab", name="Live").click()
+            page.click("#live-play")
+            said = poll(page, "() => document.querySelector('#live-episode-said').innerText", lambda v: "“" in v, 60)
+            assert "question" in said
+            poll(page, view_js, lambda src: bool(src), 30)  # the scene the model is shown
+            timeline = poll(page, TIMELINE_JS, lambda v: v is not None and v["units"] >= 3, 90)
+            assert timeline["speak"] >= 1 and timeline["text"].strip()  # the tiny model talks for any input
+            page.click("#live-stop")
+        finally:
+            browser.close()

@@ -36,10 +36,13 @@ class EvaluationError(DuplexError):
 
 
 def evaluate(model, processor, episodes: list[Episode], system_prompt: str = DEFAULT_DUPLEX_SYSTEM_TEXT,
-             ref_audio=None, settings: MetricSettings | None = None, on_episode=None, **controls) -> dict:
+             ref_audio=None, settings: MetricSettings | None = None, on_episode=None, asr_timing: bool = False,
+             **controls) -> dict:
     """Replay every episode, score it, and aggregate. `controls` go to the duplex session (e.g.
     `generate_audio=False`, `force_listen_count`, `listen_bias`); `on_episode(episode, replay_result, metrics)` is
-    called after each episode (the CLI keeps the plotted episode's audio that way). Returns a JSON-ready report."""
+    called after each episode (the CLI keeps the plotted episode's audio that way). With `asr_timing` (speech
+    generated), take-over and stop latencies are also read off the output audio's ASR word times (asr_timing.py).
+    Returns a JSON-ready report."""
     if not episodes:
         raise EvaluationError("evaluate needs at least one episode")
     settings = settings or MetricSettings()
@@ -52,6 +55,11 @@ def evaluate(model, processor, episodes: list[Episode], system_prompt: str = DEF
         frames = [image for _, image in episode.frames]
         result = replay(model, processor, episode.user_audio, frames, system_prompt, ref_audio=ref_audio, **controls)
         metrics = episode_metrics(result.events, episode.ground_truth, settings)
+        if asr_timing:
+            from .asr_timing import episode_speech_timings, transcribe_words
+
+            words = transcribe_words(result.output, OUTPUT_RATE)
+            metrics["speech_timing"] = episode_speech_timings(words, episode.ground_truth, settings.takeover_window_s)
         compute_s += sum(sum(event.get("timings", {}).values()) for event in result.events)
         per_episode.append({"episode_id": episode.episode_id, "user_voice": episode.ground_truth["user_voice"],
                             **metrics, "events": result.events})
@@ -59,6 +67,10 @@ def evaluate(model, processor, episodes: list[Episode], system_prompt: str = DEF
         if on_episode is not None:
             on_episode(episode, result, metrics)
     metrics = aggregate(per_episode)
+    if asr_timing:
+        from .asr_timing import aggregate_speech_timings
+
+        metrics.update(aggregate_speech_timings([episode["speech_timing"] for episode in per_episode]))
     audio_s = sum(episode.duration_s for episode in episodes)
     return {
         "n_episodes": len(episodes),
@@ -88,7 +100,8 @@ def format_table(report: dict) -> str:
         rows.append((row["label"], _format_value(row["value"]), f"{row['op']} {row['threshold']:g}",
                      _format_value(oracle.get(row["metric"])), status))
     metrics = report["metrics"]
-    for key in ("takeover_latency_mean_s", "interruption_stopped_rate", "interruption_speaking_rate",
+    for key in ("asr_takeover_rate", "asr_takeover_latency_median_s", "asr_interruption_stop_median_s",
+                "takeover_latency_mean_s", "interruption_stopped_rate", "interruption_speaking_rate",
                 "proactive_delay_mean_s", "proactive_alert_correct", "must_listen_violations_per_minute"):
         rows.append((key, _format_value(metrics.get(key)), "", _format_value(oracle.get(key)), ""))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -203,6 +216,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--types", nargs="+", choices=EPISODE_TYPES, default=list(EPISODE_TYPES))
     parser.add_argument("--out", default="eval_duplex", help="output folder for report.json and timeline.png")
     parser.add_argument("--with-audio", action="store_true", help="also synthesise speech (slower)")
+    parser.add_argument("--asr-timing", action="store_true",
+                        help="with --with-audio: also time take-overs and stops from ASR word times ([eval] extra)")
     parser.add_argument("--voice", default="en_dlc", help="bundled voice name or reference audio (with --with-audio)")
     parser.add_argument("--system-prompt", default=DEFAULT_DUPLEX_SYSTEM_TEXT)
     parser.add_argument("--force-listen-count", type=int, default=1)
@@ -215,6 +230,8 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.n < 1:
         parser.error("--n must be >= 1")
+    if args.asr_timing and not args.with_audio:
+        parser.error("--asr-timing needs --with-audio (it listens to the generated speech)")
 
     import torch
 
@@ -239,6 +256,7 @@ def main(argv=None) -> dict:
     with torch.inference_mode():
         report = evaluate(model, processor, episodes, system_prompt=args.system_prompt, ref_audio=ref_audio,
                           settings=settings, on_episode=keep_plotted, generate_audio=args.with_audio,
+                          asr_timing=args.asr_timing,
                           force_listen_count=args.force_listen_count, listen_bias=args.listen_bias)
     report.update(model=str(args.model), seed=args.seed, split="heldout", with_audio=args.with_audio)
     out = Path(args.out)

@@ -3,6 +3,7 @@
 import gradio as gr
 
 from .audio_io import to_int16
+from .chat_examples import chat_examples
 from .chat_handlers import ChatRequest, ChatService, describe_turn, resolve_voice, user_content
 from .model_loading import LoadedModel
 from .settings import SpaceSettings
@@ -83,6 +84,9 @@ def build_chat_tab(loaded: LoadedModel, settings: SpaceSettings) -> None:
             voice, voice_upload = voice_controls(loaded.model_voice)
         speech = gr.Audio(label="Spoken answer", streaming=True, autoplay=True, interactive=False,
                           elem_id="chat-speech")
+        examples = gr.Examples([[example.question, str(example.image_path)] for example in chat_examples()],
+                               inputs=[text, image], label="Ask about a scene of the demo world (one click)",
+                               examples_per_page=6, elem_id="chat-examples")
         api_trigger = gr.Button(visible=False)
         api_text = gr.Textbox(visible=False)
         api_speech = gr.Audio(visible=False, type="filepath", format="wav")
@@ -95,4 +99,7 @@ def build_chat_tab(loaded: LoadedModel, settings: SpaceSettings) -> None:
     retry.click(chat_retry, [voice, voice_upload, thinking, speak, turns], [chatbot, speech, turns],
                 api_visibility="private")
     clear.click(lambda: ([], [], None), None, [chatbot, turns, speech], api_visibility="private")
+    # an example fills the message and the image, then is sent at once: one click, a spoken answer
+    examples.load_input_event.then(chat_send, chat_inputs + [turns], [chatbot, speech, turns],
+                                   api_visibility="private")
     api_trigger.click(chat_api, chat_inputs, [api_text, api_speech], api_name="chat")

@@ -3,6 +3,7 @@
 import gradio as gr
 
 from .chat_handlers import resolve_voice
+from .live_episode import demo_episode, play_episode
 from .live_sessions import LiveOptions, LiveSessionClosed, LiveSessionManager, LiveSessionsBusy
 from .live_view import render_status, render_timeline
 from .model_loading import LoadedModel
@@ -28,6 +29,31 @@ def build_live_tab(loaded: LoadedModel, settings: SpaceSettings, demo: gr.Blocks
             raise gr.Error(str(error)) from error
         state = "started" if created else "already running"
         return request.session_hash, render_status(live.stats, f"{state}: press Record on the microphone")
+
+    @shown_to_user
+    def live_play_start(system_prompt, voice, voice_upload, speak, episode_index, request: gr.Request):
+        """Start (or restart) this browser's session for a generated episode: scene video + user speech."""
+        manager.close(request.session_hash, "replaced by a demo episode")
+        ref_audio = resolve_voice(voice, voice_upload, loaded.model_voice) if speak else None
+        options = LiveOptions(system_prompt=(system_prompt or "").strip() or DUPLEX_SYSTEM_PROMPT,
+                              ref_audio=ref_audio, generate_audio=speak, audio_only=False)
+        try:
+            manager.start(request.session_hash, options)
+        except LiveSessionsBusy as error:
+            raise gr.Error(str(error)) from error
+        episode = demo_episode(int(episode_index))
+        said = " / ".join(segment.text for segment in episode.user_segments)
+        return request.session_hash, f"demo episode ({episode.episode_type}, {episode.duration_s} s): “{said}”"
+
+    def live_play_feed(key, episode_index):
+        """Play the episode into the session in real time, showing each frame as the model gets it."""
+        live = manager.get(key)
+        if live is None:
+            raise gr.Error("no live session: press Play again")
+        try:
+            yield from play_episode(live, demo_episode(int(episode_index)))
+        except LiveSessionClosed:
+            return
 
     def live_output(key):
         """The one long-lived output generator of a browser session: speech, timeline and status."""
@@ -92,6 +118,15 @@ def build_live_tab(loaded: LoadedModel, settings: SpaceSettings, demo: gr.Blocks
                     live_speak = gr.Checkbox(True, label="Speak")
                     audio_only = gr.Checkbox(False, label="Audio only (no webcam)")
         with gr.Row():
+            episode_view = gr.Image(label="Demo episode: what the model sees", interactive=False, height=240,
+                                    elem_id="live-episode-view")
+            with gr.Column():
+                episode_index = gr.Dropdown([("question about the scene", 0), ("watch for a change", 1),
+                                             ("interrupting the answer", 2)], value=0,
+                                            label="Demo episode (no webcam or microphone needed)")
+                play = gr.Button("Play demo episode", elem_id="live-play")
+                episode_said = gr.Markdown(elem_id="live-episode-said")
+        with gr.Row():
             start = gr.Button("Start", variant="primary", elem_id="live-start")
             stop = gr.Button("Stop", elem_id="live-stop")
             reset = gr.Button("Reset", elem_id="live-reset")
@@ -106,6 +141,14 @@ def build_live_tab(loaded: LoadedModel, settings: SpaceSettings, demo: gr.Blocks
         live_output, [live_key], [live_speech, timeline, live_status],
         concurrency_limit=settings.max_live_sessions + 1, concurrency_id="live-output",
         api_visibility="private")
+    played = play.click(live_play_start, [live_prompt, live_voice, live_voice_upload, live_speak, episode_index],
+                        [live_key, episode_said], api_visibility="private")
+    played.success(live_output, [live_key], [live_speech, timeline, live_status],
+                   concurrency_limit=settings.max_live_sessions + 1, concurrency_id="live-output",
+                   api_visibility="private")
+    played.success(live_play_feed, [live_key, episode_index], [episode_view],
+                   concurrency_limit=settings.max_live_sessions + 1, concurrency_id="live-feed",
+                   show_progress="hidden", api_visibility="private")
     stop.click(live_stop, [live_key], [live_key, live_status], api_visibility="private")
     reset.click(live_reset, [live_key], [timeline, live_status], api_visibility="private")
     mic.stream(live_audio_in, [mic, live_key], None, stream_every=MIC_STREAM_EVERY_S, time_limit=None,
