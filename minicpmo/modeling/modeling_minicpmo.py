@@ -17,6 +17,8 @@ from transformers.conversion_mapping import register_checkpoint_conversion_mappi
 from transformers.core_model_loading import WeightRenaming
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.utils import can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
 
 from ..configuration.configuration_minicpmo import MiniCPMOConfig
 from ..configuration.configuration_token2wav import Token2WavConfig
@@ -195,6 +197,8 @@ class MiniCPMOModel(MiniCPMOPreTrainedModel):
             inputs_embeds = inputs_embeds + 0.0 * sum(p.sum() for p in self.audio_projection_layer.parameters())
         return inputs_embeds
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")  # the 5.24 models' way: both names work
+    @can_return_tuple  # return_dict=False gives the output's tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -365,6 +369,8 @@ class MiniCPMOForConditionalGeneration(
     def get_decoder(self):
         return self.model.language_model
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
