@@ -10,7 +10,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from finetune.demo.perception import (  # noqa: E402
-    COLOUR_CLASSES, SHAPE_CLASSES, PerceptionError, cell_labels, random_cells_state,
+    CELLS, COLOUR_CLASSES, SHAPE_CLASSES, PerceptionError, cell_labels, random_cells_state,
     train_perception,
 )
 from minicpmo.synthetic.scenes import SceneObject, SceneState, render  # noqa: E402
@@ -40,6 +40,21 @@ def test_cell_labels_name_every_cell_and_leave_empty_cells_zero():
     assert min(counts) == 0 and max(counts) == 7  # wider than the world's 3-6 objects, so no prior to lean on
 
 
+def test_cell_probe_reads_one_query_per_cell_with_one_shared_head():
+    from finetune.demo.perception import CellProbe
+
+    probe = CellProbe(16, 8)
+    queries = torch.randn(2, 16, 8)
+    shapes, colours = probe(queries)
+    assert shapes.shape == (2, CELLS, len(SHAPE_CLASSES)) and colours.shape == (2, CELLS, len(COLOUR_CLASSES))
+    moved = queries.clone()
+    moved[:, 3] = queries[:, 5]  # cell 3's logits follow query 3 alone, through the same head as every cell
+    torch.testing.assert_close(probe(moved)[0][:, 3], shapes[:, 5])
+    torch.testing.assert_close(probe(moved)[0][:, 4], shapes[:, 4])
+    with pytest.raises(PerceptionError, match="query_num >= 9"):
+        CellProbe(8, 8)
+
+
 def test_perception_stage_trains_only_the_vision_side_and_learns_the_cells():
     model, processor = _tiny(), _processor()
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
@@ -49,10 +64,11 @@ def test_perception_stage_trains_only_the_vision_side_and_learns_the_cells():
     changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
     assert changed and all(".vpm." in name or ".resampler." in name for name in changed)
     assert any(".vpm." in name for name in changed) and any(".resampler." in name for name in changed)
-    # from chance (an untrained probe) to well above the best constant: 'empty' is right for ~48 % of the cells
+    # from an untrained probe to well above the best constant ('empty' is right for ~half of the world's cells);
+    # measured over seeds 0-2: shape 0.70-0.73, colour 0.96-0.97, last/first loss 0.20-0.25
     assert report["heldout_before"]["cell_shape_accuracy"] < 0.6
-    assert report["heldout"]["cell_shape_accuracy"] > 0.7 and report["heldout"]["cell_colour_accuracy"] > 0.65
-    assert report["last_loss"] < 0.6 * report["first_loss"]
+    assert report["heldout"]["cell_shape_accuracy"] > 0.62 and report["heldout"]["cell_colour_accuracy"] > 0.9
+    assert report["last_loss"] < 0.35 * report["first_loss"]
     with pytest.raises(PerceptionError):
         train_perception(model, processor.image_processor, budget_s=0)
 
