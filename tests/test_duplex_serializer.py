@@ -411,8 +411,8 @@ def test_tiny_model_encoders_fill_the_serialized_slots_exactly():
     out = serialize_duplex(hello_there(ref_audio=noise(1.5, seed=2)), tokenizer())
     inputs = out.model_inputs(processor())
     with torch.no_grad():
-        audio = core.get_audio_features(inputs["input_features"], inputs["input_features_mask"])
-        image = core.get_image_features(inputs["pixel_values"], inputs["tgt_sizes"]).flatten(0, 1)
+        audio = core.get_audio_features(inputs["input_features"], inputs["input_features_mask"]).pooler_output
+        image = core.get_image_features(inputs["pixel_values"], inputs["tgt_sizes"]).pooler_output.flatten(0, 1)
         embeds = core.get_input_embeddings()(inputs["input_ids"])
         embeds = scatter_into_slots(embeds, out.image_slot_mask[None], image, "image")
         embeds = scatter_into_slots(embeds, out.audio_slot_mask[None], audio, "audio")

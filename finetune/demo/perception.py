@@ -87,7 +87,7 @@ def _labels(states: list[SceneState]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _probe_logits(model, probe: CellProbe, pixel_values, tgt_sizes):
-    queries = model.model.get_image_features(pixel_values, tgt_sizes)  # [B, query_num, hidden]
+    queries = model.model.get_image_features(pixel_values, tgt_sizes).pooler_output  # [B, query_num, hidden]
     return probe(queries)
 
 

@@ -130,6 +130,9 @@ class MiniCPMOConfig(Qwen3Config):
     """MiniCPM-o 4.5: Qwen3 LLM keys at the top level plus vision, audio, speech and slicing sub-configs."""
 
     model_type = "minicpmo"
+    # With no arguments the config is the full-size 4.5 (as transformers configs default to their checkpoint):
+    # the Qwen3-8B LLM fields below, Whisper-medium's encoder, SigLIP-400M and the 4.5 speech decoder.
+    default_theta = 1_000_000.0
     sub_configs_defaults = {
         "vision_config": SiglipVisionConfig,
         "audio_config": WhisperConfig,
@@ -139,6 +142,14 @@ class MiniCPMOConfig(Qwen3Config):
         "token2wav_config": SubConfigSpec(Token2WavConfig, optional=True),
     }
 
+    vocab_size: int = 151748
+    intermediate_size: int = 12288
+    num_hidden_layers: int = 36
+    num_key_value_heads: int | None = 8
+    max_position_embeddings: int = 40960
+    max_window_layers: int = 36
+    bos_token_id: int | None = 151643
+    eos_token_id: int | list[int] | None = 151645
     vision_config: dict | SiglipVisionConfig | None = None
     audio_config: dict | WhisperConfig | None = None
     tts_config: dict | MiniCPMTTSConfig | None = None
@@ -175,6 +186,10 @@ class MiniCPMOConfig(Qwen3Config):
     def __post_init__(self, **kwargs):
         if self.vision_config is None:
             self.vision_config = _default_vision_config()
+        if self.audio_config is None:
+            self.audio_config = WhisperConfig(**OFFICIAL_AUDIO_VALUES)
+        if self.tts_config is None:
+            self.tts_config = MiniCPMTTSConfig(**OFFICIAL_TTS_VALUES)
         super().__post_init__(**kwargs)
         _require(lambda: self.query_num >= 1, f"query_num must be >= 1, got {self.query_num}")
         _require(lambda: self.audio_pool_step >= 1, f"audio_pool_step must be >= 1, got {self.audio_pool_step}")
@@ -194,10 +209,6 @@ class MiniCPMOConfig(Qwen3Config):
             f"vision_config.patch_size ({self.vision_config.patch_size})",
         )
         _require(
-            lambda: self.audio_config.encoder_ffn_dim % 4 == 0,
-            f"audio_config.encoder_ffn_dim ({self.audio_config.encoder_ffn_dim}) must be divisible by 4",
-        )
-        _require(
             lambda: not self.init_tts or self.tts_config.llm_dim == self.hidden_size,
             f"tts_config.llm_dim ({self.tts_config.llm_dim}) must equal hidden_size ({self.hidden_size}): the speech "
             "decoder reads the LLM's hidden states",
@@ -213,7 +224,9 @@ class MiniCPMOConfig(Qwen3Config):
 
     @property
     def audio_projector_input_size(self) -> int:
-        return self.audio_config.encoder_ffn_dim // 4
+        """The audio tower's output width, `audio_config.d_model`. (The official code writes `encoder_ffn_dim // 4`,
+        which is the same number for Whisper's 4x feed-forward and would break any other ratio.)"""
+        return self.audio_config.d_model
 
     def to_dict(self):
         output = super().to_dict()
@@ -235,6 +248,19 @@ class MiniCPMOConfig(Qwen3Config):
         if output.get("dtype") is not None:
             output["torch_dtype"] = output["dtype"]
         return output
+
+
+# The 4.5 audio tower (Whisper-medium's encoder) and speech decoder, the sub-configs a bare `MiniCPMOConfig()` gets.
+OFFICIAL_AUDIO_VALUES = dict(
+    d_model=1024, encoder_layers=24, encoder_attention_heads=16, encoder_ffn_dim=4096, decoder_layers=24,
+    decoder_attention_heads=16, decoder_ffn_dim=4096, num_mel_bins=80, max_source_positions=1500,
+    max_target_positions=448, activation_function="gelu", vocab_size=51865,
+)
+OFFICIAL_TTS_VALUES = dict(
+    llm_dim=4096, num_audio_tokens=6562, num_text_tokens=152064, audio_bos_token_id=151687,
+    text_eos_token_id=151692, condition_type="hidden_text_merge", audio_tokenizer_type="s3tokenizer",
+    audio_tokenizer_sample_rate=16000, normalize_projected_hidden=True, attention_type="full_attention",
+)
 
 
 def _default_vision_config() -> SiglipVisionConfig:

@@ -306,6 +306,17 @@ def audio_embeddings_from_features(
     """Offline path for N right-padded pieces [N, mel_bins, T] -> N tensors [n_i, out_dim] of real tokens only,
     n_i = frames_to_token_count(real mel frames of piece i)."""
     hidden, _ = encoder(input_features, input_features_mask, chunk_frames=chunk_frames)
+    return audio_tokens_from_hidden(projector, hidden, input_features, input_features_mask, pool_step)
+
+
+def audio_tokens_from_hidden(
+    projector: MiniCPMOAudioProjector,
+    hidden: torch.Tensor,
+    input_features: torch.Tensor,
+    input_features_mask: torch.Tensor | None = None,
+    pool_step: int = 5,
+) -> list[torch.Tensor]:
+    """Encoder states [N, T', d] of the pieces in `input_features` -> N tensors [n_i, out_dim] of real tokens only."""
     if input_features_mask is None:
         mel_lengths = [input_features.shape[-1]] * input_features.shape[0]
     else:

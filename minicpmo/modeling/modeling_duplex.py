@@ -203,7 +203,7 @@ class MiniCPMODuplexMixin:
         embeds = core.get_input_embeddings()(input_ids)
         if "input_features" in inputs:
             ref_features = core.get_audio_features(inputs["input_features"].to(self.device),
-                                                   inputs["input_features_mask"].to(self.device))
+                                                   inputs["input_features_mask"].to(self.device)).pooler_output
             embeds = scatter_into_slots(embeds, core.audio_slot_mask(input_ids), ref_features, "audio")
         context.system_length = input_ids.shape[1]
         if context.sequence_ids is not None:
@@ -219,7 +219,7 @@ class MiniCPMODuplexMixin:
         image_features = None
         if "pixel_values" in inputs:
             image_features = core.get_image_features(inputs["pixel_values"].to(self.device),
-                                                     inputs["tgt_sizes"].to(self.device))
+                                                     inputs["tgt_sizes"].to(self.device)).pooler_output
         timings["vision"] = time.perf_counter() - started
         started = time.perf_counter()
         mel_chunk = inputs["input_features"].to(device=self.device, dtype=core.apm.conv1.weight.dtype)

@@ -15,7 +15,11 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel, Qwen3Model
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import WeightRenaming
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPooling,
+    MultimodalBaseModelOutputWithPast,
+    MultimodalCausalLMOutputWithPast,
+)
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.utils import can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
@@ -27,9 +31,10 @@ from .modeling_audio import (
     MiniCPMOAudioEncoder,
     MiniCPMOAudioPositionEmbedding,
     MiniCPMOAudioProjector,
-    audio_embeddings_from_features,
+    audio_tokens_from_hidden,
 )
 from .modeling_duplex import MiniCPMODuplexMixin
+from .modeling_layer_outputs import recorded_layer_states
 from .modeling_multimodal_merge import scatter_into_slots, span_slot_mask
 from .modeling_resampler import MiniCPMOResampler, get_2d_sincos_pos_embed
 from .modeling_speech_decoder import MiniCPMOSpeechDecoder
@@ -82,6 +87,8 @@ class MiniCPMOPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["Qwen3DecoderLayer", "SiglipEncoderLayer", "MiniCPMOAudioEncoderLayer", "LlamaDecoderLayer"]
     _skip_keys_device_placement = "cache"
+    # The official resampler table (rebuilt here); rotary inv_freq buffers are ignored by transformers itself.
+    _keys_to_ignore_on_load_unexpected = [r"(^|\.)resampler\.pos_embed$"]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = False
@@ -131,6 +138,15 @@ class MiniCPMOModel(MiniCPMOPreTrainedModel):
         self.post_init()
         self._keep_existing_no_split_modules()
 
+    def init_parallel_plans(self) -> None:
+        """The config's plans are the LLM's (`layers.*`, as Qwen3 names them); `language_model` contributes them
+        under its real prefix, so the unprefixed copies, which match no parameter here, are dropped."""
+        super().init_parallel_plans()
+        children = {name for name, _ in self.named_children()}
+        for attribute in ("_tp_plan", "_pp_plan", "_ep_plan", "_fsdp_plan"):
+            plan = getattr(self, attribute) or {}
+            setattr(self, attribute, {key: rule for key, rule in plan.items() if key.split(".")[0] in children})
+
     def get_input_embeddings(self):
         return self.language_model.embed_tokens
 
@@ -138,25 +154,49 @@ class MiniCPMOModel(MiniCPMOPreTrainedModel):
         self.language_model.embed_tokens = value
 
     # --- encoders -------------------------------------------------------------------------------------------
-    def get_image_features(self, pixel_values: torch.Tensor, tgt_sizes: torch.LongTensor) -> torch.Tensor:
-        """[N slices, 3, p, L*p] strips -> [N, query_num, hidden] resampled features, in chunks of vision_batch_size."""
+    @can_return_tuple
+    def get_image_features(
+        self, pixel_values: torch.Tensor, tgt_sizes: torch.LongTensor, output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling:
+        """[N slices, 3, p, L*p] strips -> `pooler_output` [N, query_num, hidden] (the resampled features the LLM
+        reads), `last_hidden_state` [N, L, vision_dim] (the vision tower; padded patches zero) and, with
+        `output_hidden_states`, the tower's embeddings and per-layer states (5.24's multimodal convention)."""
         if not self.config.init_vision:
             raise ValueError("this model was built with init_vision=False and cannot take images")
+        record = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         pixel_values = pixel_values.to(self.vpm.embeddings.patch_embedding.weight.dtype)
-        hidden, patch_mask = self.vpm(pixel_values, tgt_sizes, vision_batch_size=self.config.vision_batch_size)
-        return self.resampler(hidden, tgt_sizes, patch_mask)
+        # Recording runs the slices as one chunk (the result does not depend on the chunking).
+        batch_size = None if record else self.config.vision_batch_size
+        with recorded_layer_states(self.vpm.encoder.layers, record) as states:
+            vision = self.vpm(pixel_values, tgt_sizes, vision_batch_size=batch_size)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=vision.last_hidden_state,
+            pooler_output=self.resampler(vision.last_hidden_state, tgt_sizes, vision.patch_mask),
+            hidden_states=tuple(states) if record else None,
+        )
 
+    @can_return_tuple
     def get_audio_features(
-        self, input_features: torch.Tensor, input_features_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """[N pieces, 80, T] log-mel -> all real audio tokens, concatenated in reading order: [n_tokens, hidden]."""
+        self, input_features: torch.Tensor, input_features_mask: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None, **kwargs,
+    ) -> BaseModelOutputWithPooling:
+        """[N pieces, 80, T] log-mel -> `pooler_output` [n_tokens, hidden] (all real audio tokens, concatenated in
+        reading order: what the LLM reads), `last_hidden_state` [N, T', d] (the audio tower) and, with
+        `output_hidden_states`, the tower's embeddings and per-layer states."""
         if not self.config.init_audio:
             raise ValueError("this model was built with init_audio=False and cannot take audio")
+        record = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         input_features = input_features.to(self.apm.conv1.weight.dtype)
-        pieces = audio_embeddings_from_features(
-            self.apm, self.audio_projection_layer, input_features, input_features_mask, self.config.audio_pool_step
+        with recorded_layer_states(self.apm.layers, record) as states:
+            hidden, _ = self.apm(input_features, input_features_mask)
+        pieces = audio_tokens_from_hidden(
+            self.audio_projection_layer, hidden, input_features, input_features_mask, self.config.audio_pool_step
         )
-        return torch.cat(pieces, dim=0)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=hidden, pooler_output=torch.cat(pieces, dim=0),
+            hidden_states=tuple(states) if record else None,
+        )
 
     def image_slot_mask(self, input_ids: torch.LongTensor) -> torch.BoolTensor:
         c = self.config
@@ -181,21 +221,30 @@ class MiniCPMOModel(MiniCPMOPreTrainedModel):
         input_features_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Text embeddings with image and audio features poured into their placeholder slots."""
+        return self._embed_with_features(input_ids, pixel_values, tgt_sizes, input_features, input_features_mask)[0]
+
+    def _embed_with_features(self, input_ids, pixel_values, tgt_sizes, input_features, input_features_mask):
+        """(embeddings, image encoder output or None, audio encoder output or None); see get_*_features."""
         inputs_embeds = self.get_input_embeddings()(input_ids)
+        image_outputs = audio_outputs = None
         if pixel_values is not None:
             if tgt_sizes is None:
                 raise ValueError("pixel_values were given without tgt_sizes (patch grid of every slice)")
-            image_features = self.get_image_features(pixel_values, tgt_sizes).flatten(0, 1)
-            inputs_embeds = scatter_into_slots(inputs_embeds, self.image_slot_mask(input_ids), image_features, "image")
+            image_outputs = self.get_image_features(pixel_values, tgt_sizes, output_hidden_states=False)
+            inputs_embeds = scatter_into_slots(
+                inputs_embeds, self.image_slot_mask(input_ids), image_outputs.pooler_output.flatten(0, 1), "image"
+            )
         elif self.config.init_vision and self.training:
             # Keep the vision tower in the graph so DDP / ZeRO see a gradient for it on text-only batches.
             inputs_embeds = inputs_embeds + 0.0 * sum(p.sum() for p in self.resampler.parameters())
         if input_features is not None:
-            audio_features = self.get_audio_features(input_features, input_features_mask)
-            inputs_embeds = scatter_into_slots(inputs_embeds, self.audio_slot_mask(input_ids), audio_features, "audio")
+            audio_outputs = self.get_audio_features(input_features, input_features_mask, output_hidden_states=False)
+            inputs_embeds = scatter_into_slots(
+                inputs_embeds, self.audio_slot_mask(input_ids), audio_outputs.pooler_output, "audio"
+            )
         elif self.config.init_audio and self.training:
             inputs_embeds = inputs_embeds + 0.0 * sum(p.sum() for p in self.audio_projection_layer.parameters())
-        return inputs_embeds
+        return inputs_embeds, image_outputs, audio_outputs
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")  # the 5.24 models' way: both names work
     @can_return_tuple  # return_dict=False gives the output's tuple
@@ -212,19 +261,30 @@ class MiniCPMOModel(MiniCPMOPreTrainedModel):
         input_features: torch.Tensor | None = None,
         input_features_mask: torch.Tensor | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPast:
+    ) -> MultimodalBaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        image_outputs = audio_outputs = None
         if inputs_embeds is None:
-            inputs_embeds = self.embed_multimodal(input_ids, pixel_values, tgt_sizes, input_features, input_features_mask)
+            inputs_embeds, image_outputs, audio_outputs = self._embed_with_features(
+                input_ids, pixel_values, tgt_sizes, input_features, input_features_mask
+            )
         self._check_context_length(inputs_embeds.shape[1], cache)
-        return self.language_model(
+        outputs = self.language_model(
             attention_mask=attention_mask,
             position_ids=position_ids,
             cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,
+        )
+        return MultimodalBaseModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_outputs=image_outputs,
+            audio_outputs=audio_outputs,
         )
 
     def _check_context_length(self, new_tokens: int, cache) -> None:
@@ -248,8 +308,10 @@ class MiniCPMOForConditionalGeneration(
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
     _keys_to_ignore_on_load_missing = [r"^token2wav\."]
-    _keys_to_ignore_on_load_unexpected = [r"^model\.resampler\.pos_embed$"]  # rotary inv_freq: ignored by transformers
-    _keep_in_fp32_modules = ["token2wav"]
+    # token2wav (flow matching + vocoder) stays float32 whatever `dtype=` asks for ("strict": bf16 too, as the
+    # official code keeps it); set per instance in __init__ so that only a model that has it names it.
+    _keep_in_fp32_modules_strict = None
+    _tp_plan = {"lm_head": "colwise_gather_output"}  # vocabulary-sharded, like the embeddings (Qwen3ForCausalLM)
     token2wav_subfolder = "token2wav"
     token2wav_weights_loaded = False
 
@@ -266,6 +328,7 @@ class MiniCPMOForConditionalGeneration(
                 # object can be an instance of the other copy's class.
                 token2wav_config = Token2WavConfig.from_dict(token2wav_config.to_dict())
             self.token2wav = MiniCPMOToken2Wav(token2wav_config)
+            self._keep_in_fp32_modules_strict = ["token2wav"]
         self.post_init()
         self._keep_existing_no_split_modules()
         if config.init_tts:
@@ -331,6 +394,9 @@ class MiniCPMOForConditionalGeneration(
         model = output[0] if isinstance(output, tuple) else output
         model.token2wav_weights_loaded = False
         if getattr(model, "token2wav", None) is not None:
+            # Its weights are not in model.safetensors, so transformers' dtype plan never saw them.
+            if "token2wav" in (model._keep_in_fp32_modules_strict or ()):
+                model.token2wav.float()
             folder = cls._token2wav_folder(str(pretrained_model_name_or_path), kwargs)
             if folder is not None:
                 model.load_token2wav(folder)
@@ -386,7 +452,7 @@ class MiniCPMOForConditionalGeneration(
         input_features_mask: torch.Tensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
+    ) -> MultimodalCausalLMOutputWithPast:
         """Causal-LM pass over text with images and audio scattered into their placeholder positions.
 
         Args:
@@ -398,7 +464,8 @@ class MiniCPMOForConditionalGeneration(
             logits_to_keep: compute logits for the last n positions only (0: all).
 
         Returns:
-            `CausalLMOutputWithPast` with `logits`, `loss` when labels are given, and the cache.
+            `MultimodalCausalLMOutputWithPast` with `logits`, `loss` when labels are given, the cache and the
+            image / audio encoder outputs (`image_outputs.pooler_output`: what went into the slots).
         """
         kwargs.pop("ref_audio", None)  # the processor's voice prompt: read by generate(return_audio=True) only
         outputs = self.model(
@@ -420,12 +487,14 @@ class MiniCPMOForConditionalGeneration(
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(
+        return MultimodalCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
             cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            image_outputs=outputs.image_outputs,
+            audio_outputs=outputs.audio_outputs,
         )
 
     def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, cache=None, attention_mask=None,
