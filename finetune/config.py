@@ -5,7 +5,7 @@
     data: {train: FILE.jsonl | saved dataset folder, eval: optional, media_root: optional}
     collator: {name: turn_based, ...options of the collator}
     preset: lora_llm | lora_llm_projectors | lora_speech_decoder | speech_pretrain | joint_pretrain | joint_sft | full
-            | sft_frozen_encoders
+            | sft_frozen_encoders | sft_fixed_embeddings
     lora: {r, alpha, dropout, target_modules, modules_to_save}      (LoRA presets only)
     sft: {...}                                                      (keyword arguments of trl.SFTConfig)
     merge_adapter: false                                            (also write OUTPUT_DIR/merged after training)

@@ -29,6 +29,8 @@ ALL_PARAMETERS = r".*"
 # every parameter outside the vision tower, the resampler, the audio tower (encoders kept as they are) and token2wav
 # (trained on its own losses)
 OUTSIDE_ENCODERS = r"(?!(?:.*\.)?(?:vpm|resampler|apm|token2wav)\.).*"
+# the same without the LLM's token embedding table (a tied head is the same parameter, so it stays fixed too)
+OUTSIDE_ENCODERS_AND_EMBEDDINGS = r"(?!(?:.*\.)?(?:vpm|resampler|apm|token2wav)\.)(?!(?:.*\.)?language_model\.embed_tokens\.).*"
 
 
 class PresetError(ConfigError):
@@ -93,6 +95,13 @@ PRESETS: dict[str, TrainingPreset] = {
             "joint SFT with the vision tower, resampler and audio tower frozen (encoders pretrained or trained "
             "in a perception stage) and token2wav frozen: the audio projector, the LLM and the speech decoder train",
             trainable_parameters=OUTSIDE_ENCODERS,
+        ),
+        TrainingPreset(
+            "sft_fixed_embeddings",
+            "sft_frozen_encoders with the token embeddings (and a tied head) fixed: a small LLM trained from scratch "
+            "with a tied head pulls together the rows of words it cannot predict yet, until it cannot tell them "
+            "apart in its input either; a fixed random table keeps every word distinct",
+            trainable_parameters=OUTSIDE_ENCODERS_AND_EMBEDDINGS,
         ),
     )
 }

