@@ -30,7 +30,7 @@ ALL_PARAMETERS = r".*"
 # (trained on its own losses)
 OUTSIDE_ENCODERS = r"(?!(?:.*\.)?(?:vpm|resampler|apm|token2wav)\.).*"
 # the same without the LLM's token embedding table (a tied head is the same parameter, so it stays fixed too)
-OUTSIDE_ENCODERS_AND_EMBEDDINGS = r"(?!(?:.*\.)?(?:vpm|resampler|apm|token2wav)\.)(?!(?:.*\.)?language_model\.embed_tokens\.).*"
+OUTSIDE_ENCODERS_AND_EMBEDDINGS = r"(?!(?:.*\.)?language_model\.embed_tokens\.)" + OUTSIDE_ENCODERS
 
 
 class PresetError(ConfigError):

@@ -7,6 +7,8 @@ the official code loads here, and the one we save is readable by the official co
 `"architectures": ["MiniCPMO"]` and `torch_dtype`, the fields serving engines route on.
 """
 
+import json
+from pathlib import Path
 from typing import ClassVar
 
 from huggingface_hub.dataclasses import strict
@@ -20,6 +22,9 @@ from .configuration_token2wav import Token2WavConfig
 # MiniCPM-o 4.5 route on it; transformers would write our class name instead.
 OFFICIAL_ARCHITECTURE = "MiniCPMO"
 _OUR_ARCHITECTURE = "MiniCPMOForConditionalGeneration"
+# The full-size 4.5 config (reconstructed from the official code and shape checks on the real weights): the values
+# of `official_config()` and of the sub-configs a bare `MiniCPMOConfig()` gets.
+OFFICIAL_CONFIG_FILE = Path(__file__).with_name("official_config_reconstructed.json")
 
 
 class MiniCPMOConfigError(ConfigError):
@@ -131,7 +136,7 @@ class MiniCPMOConfig(Qwen3Config):
 
     model_type = "minicpmo"
     # With no arguments the config is the full-size 4.5 (as transformers configs default to their checkpoint):
-    # the Qwen3-8B LLM fields below, Whisper-medium's encoder, SigLIP-400M and the 4.5 speech decoder.
+    # the Qwen3-8B LLM fields below, and the vision / audio / speech-decoder sub-configs of OFFICIAL_CONFIG_FILE.
     default_theta = 1_000_000.0
     sub_configs_defaults = {
         "vision_config": SiglipVisionConfig,
@@ -185,11 +190,11 @@ class MiniCPMOConfig(Qwen3Config):
 
     def __post_init__(self, **kwargs):
         if self.vision_config is None:
-            self.vision_config = _default_vision_config()
+            self.vision_config = SiglipVisionConfig(**_official_sub_config("vision_config"))
         if self.audio_config is None:
-            self.audio_config = WhisperConfig(**OFFICIAL_AUDIO_VALUES)
+            self.audio_config = WhisperConfig(**_official_sub_config("audio_config"))
         if self.tts_config is None:
-            self.tts_config = MiniCPMTTSConfig(**OFFICIAL_TTS_VALUES)
+            self.tts_config = MiniCPMTTSConfig(**_official_sub_config("tts_config"))
         super().__post_init__(**kwargs)
         _require(lambda: self.query_num >= 1, f"query_num must be >= 1, got {self.query_num}")
         _require(lambda: self.audio_pool_step >= 1, f"audio_pool_step must be >= 1, got {self.audio_pool_step}")
@@ -250,28 +255,16 @@ class MiniCPMOConfig(Qwen3Config):
         return output
 
 
-# The 4.5 audio tower (Whisper-medium's encoder) and speech decoder, the sub-configs a bare `MiniCPMOConfig()` gets.
-OFFICIAL_AUDIO_VALUES = dict(
-    d_model=1024, encoder_layers=24, encoder_attention_heads=16, encoder_ffn_dim=4096, decoder_layers=24,
-    decoder_attention_heads=16, decoder_ffn_dim=4096, num_mel_bins=80, max_source_positions=1500,
-    max_target_positions=448, activation_function="gelu", vocab_size=51865,
-)
-OFFICIAL_TTS_VALUES = dict(
-    llm_dim=4096, num_audio_tokens=6562, num_text_tokens=152064, audio_bos_token_id=151687,
-    text_eos_token_id=151692, condition_type="hidden_text_merge", audio_tokenizer_type="s3tokenizer",
-    audio_tokenizer_sample_rate=16000, normalize_projected_hidden=True, attention_type="full_attention",
-)
+def official_config_values() -> dict:
+    """The reconstructed full-size config.json of 4.5 (`OFFICIAL_CONFIG_FILE`) as a fresh dict."""
+    return json.loads(OFFICIAL_CONFIG_FILE.read_text())
 
 
-def _default_vision_config() -> SiglipVisionConfig:
-    return SiglipVisionConfig(
-        hidden_size=1152,
-        image_size=980,
-        intermediate_size=4304,
-        num_attention_heads=16,
-        num_hidden_layers=27,
-        patch_size=14,
-    )
+def _official_sub_config(key: str) -> dict:
+    """A sub-config's values in the official file, for the sub-configs a bare `MiniCPMOConfig()` gets."""
+    values = dict(official_config_values()[key])
+    values.pop("model_type", None)
+    return values
 
 
 __all__ = [

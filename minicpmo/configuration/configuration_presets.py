@@ -5,18 +5,12 @@ for the whole model, `demo_<part>_config` / `tiny_<part>_config` for token2wav a
 sizes of those are the classes' defaults: `Token2WavConfig()`, `FlowConfig()`, ...).
 """
 
-import json
-from pathlib import Path
-
-from .configuration_minicpmo import MiniCPMOConfig
+from .configuration_minicpmo import MiniCPMOConfig, official_config_values
 from .configuration_token2wav import CAMPPlusConfig, FlowConfig, HiFTConfig, S3TokenizerConfig, Token2WavConfig
-
-OFFICIAL_CONFIG_FILE = Path(__file__).with_name("official_config_reconstructed.json")
-
 
 def official_config(**overrides) -> MiniCPMOConfig:
     """The full-size 4.5 config (reconstructed from the official code and shape checks on the real weights)."""
-    values = json.loads(OFFICIAL_CONFIG_FILE.read_text())
+    values = official_config_values()
     values.pop("_comment", None)
     values.pop("auto_map", None)
     values.update(overrides)

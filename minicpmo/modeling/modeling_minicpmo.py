@@ -394,9 +394,9 @@ class MiniCPMOForConditionalGeneration(
         model = output[0] if isinstance(output, tuple) else output
         model.token2wav_weights_loaded = False
         if getattr(model, "token2wav", None) is not None:
-            # Its weights are not in model.safetensors, so transformers' dtype plan never saw them.
-            if "token2wav" in (model._keep_in_fp32_modules_strict or ()):
-                model.token2wav.float()
+            # Kept fp32 (`_keep_in_fp32_modules_strict`); its weights are not in model.safetensors, so transformers'
+            # dtype plan never saw them.
+            model.token2wav.float()
             folder = cls._token2wav_folder(str(pretrained_model_name_or_path), kwargs)
             if folder is not None:
                 model.load_token2wav(folder)
