@@ -125,6 +125,20 @@ def test_fit_max_steps_leaves_weights_untouched_and_wall_clock_stop_ends_trainin
         fit_max_steps(trainer, budget_s=-1)
 
 
+def test_a_stage_whose_setup_used_its_budget_trains_the_minimum_steps(tmp_path, processor):
+    import time
+
+    from finetune.demo.pipeline import DemoSettings, _train_for_budget
+
+    said = []
+    trainer = _trainer(tmp_path, processor, _tiny_model())
+    settings = DemoSettings(out=tmp_path / "o", work=tmp_path / "w", log=said.append)
+    report = {}
+    _train_for_budget("questions", trainer, 0.5, time.perf_counter() - 1.0, settings, report)  # 1 s of setup
+    assert report["questions"]["planned_steps"] == 10 and report["questions"]["steps"] == 10
+    assert any("took the whole" in line for line in said)
+
+
 # ---- demo data ---------------------------------------------------------------------------------------------------
 def test_duplex_sessions_round_trip_through_the_duplex_collator(tmp_path, processor):
     from minicpmo.synthetic.dataset import generate_episodes

@@ -106,7 +106,12 @@ def _recipe(name: str, settings: DemoSettings, data_file: Path):
 def _train_for_budget(name: str, trainer, budget: float, started: float, settings: DemoSettings,
                       report: dict) -> None:
     """Size the schedule to what is left of the budget, train, and record steps and losses in `report`."""
-    steps = fit_max_steps(trainer, budget - (time.perf_counter() - started))
+    # Building the trainer (data loading, collator) counts against the stage; when it used up the whole budget, the
+    # stage still trains fit_max_steps' minimum rather than failing (tiny budgets on a cold machine).
+    left = budget - (time.perf_counter() - started)
+    if left <= 0:
+        settings.log(f"[{name}] trainer setup took the whole {budget:.1f}-s budget; training the minimum steps")
+    steps = fit_max_steps(trainer, max(left, 1e-3))
     settings.log(f"[{name}] {steps} steps planned in {budget / 60:.1f} min")
     result = trainer.train()
     history = [entry for entry in trainer.state.log_history if "loss" in entry]
