@@ -243,7 +243,7 @@ def test_demo_command_stops_after_a_stage_resumes_and_writes_a_loadable_model(tm
     report = json.loads((out / "training_report.json").read_text())
     for stage in STAGES:
         assert stage in report["stage_seconds"], stage
-    for stage in ("speech_tokenizer", "flow", "vocoder", "perception", "questions", "duplex", "speech_decoder",
+    for stage in ("speech_tokenizer", "flow", "vocoder", "perception", "reading", "questions", "duplex", "speech_decoder",
                   "rehearsal"):
         assert report[stage]["steps"] >= 1, stage
     assert report["stage_seconds"]["perception"] == progress["report"]["stage_seconds"]["perception"]

@@ -7,11 +7,13 @@ Stages, in order (each under a wall-clock budget; `--minutes-scale` scales them 
    token2wav's flow + speaker encoder and HiFT vocoder (finetune.train_token2wav), so speech codes decode to audio;
 3. data: synthetic duplex sessions (assistant speech encoded with the trained tokenizer) and scene questions;
 4. perception: vision tower + resampler on per-cell shape/colour labels (perception.py), then frozen;
-5. questions: recipes/questions.yaml (turn_based; encoders and a freshly drawn token table fixed) - the LLM learns
-   to read the scene and answer;
-6. duplex: recipes/duplex.yaml (duplex SFT with speech loss);
-7. speech_decoder: recipes/speech_decoder.yaml (speech_pretrain: the decoder alone on the final LLM);
-8. rehearsal: recipes/rehearsal.yaml, duplex sessions and scene questions together (duplex SFT alone makes the
+5. reading: the token table is drawn (then fixed) and the LLM layers alone learn to answer typed questions about
+   a fresh scene every sample (reading.py);
+6. questions: recipes/questions.yaml (turn_based; encoders and the token table fixed) - spoken questions, the
+   chat speech path and the reply sentences;
+7. duplex: recipes/duplex.yaml (duplex SFT with speech loss);
+8. speech_decoder: recipes/speech_decoder.yaml (speech_pretrain: the decoder alone on the final LLM);
+9. rehearsal: recipes/rehearsal.yaml, duplex sessions and scene questions together (duplex SFT alone makes the
    model forget turn-based chat);
 then export: bf16 safetensors + processor + voice reference + training_report.json in DIR.
 
@@ -52,14 +54,15 @@ REPORT_FILE = "training_report.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 PROGRESS_FILE = "progress.json"
 CHECKPOINT_DIR = "checkpoint"
-STAGES = ("init", "speech_tokenizer", "flow", "vocoder", "data", "perception", "questions", "duplex",
+STAGES = ("init", "speech_tokenizer", "flow", "vocoder", "data", "perception", "reading", "questions", "duplex",
           "speech_decoder", "rehearsal")
-# Default minutes per timed stage (total ~92 with init, data, checkpoints and export on 2 cores).
+# Default minutes per timed stage (total ~109 with init, data, checkpoints and export on 2 cores).
 STAGE_MINUTES = {
     "speech_tokenizer": 6.0,
     "flow": 9.0,
     "vocoder": 13.0,
-    "perception": 3.0,
+    "perception": 8.0,
+    "reading": 12.0,
     "questions": 15.0,
     "duplex": 24.0,
     "speech_decoder": 6.0,
@@ -233,9 +236,13 @@ def run_stage(stage: str, model, processor, reference, settings: DemoSettings, r
 
         report[stage] = train_perception(model, processor.image_processor, settings.budget_s(stage),
                                          seed=settings.seed, log=settings.log)
+    elif stage == "reading":  # the first stage that trains the LLM: its token table is drawn here, then kept fixed
+        from .reading import train_reading
+
+        report["token_embeddings"] = init_token_embeddings(model, seed=settings.seed)
+        report[stage] = train_reading(model, processor, settings.budget_s(stage), seed=settings.seed,
+                                      log=settings.log)
     elif stage in ("questions", "duplex", "speech_decoder"):
-        if stage == "questions":  # the first stage that trains the LLM, which the recipes then keep fixed
-            report["token_embeddings"] = init_token_embeddings(model, seed=settings.seed)
         run_recipe(stage, model, processor, settings, questions if stage == "questions" else sessions, report)
     elif stage == "rehearsal":
         run_rehearsal(model, processor, settings, sessions, questions, report)
