@@ -68,3 +68,23 @@ def fit_max_steps(trainer, budget_s: float, overhead: float = 1.25, minimum: int
 
 
 __all__ = ["BudgetError", "WallClockStop", "fit_max_steps", "seconds_per_step"]
+
+
+def budgeted_step(optimizer, parameters, loss, lr: float, step: int, started: float, budget_s: float,
+                  max_steps: int | None, warmup_steps: int, floor: float = 0.02) -> None:
+    """One optimiser step of the demo's own loops (perception, reading): linear warm-up, then a cosine decay over
+    the wall-clock budget (or over `max_steps` when given), never below `floor` x lr; gradients clipped to 1."""
+    import numpy as np
+    from torch import nn
+
+    if max_steps:
+        progress = min(1.0, step / max_steps)
+    else:
+        progress = min(1.0, (time.perf_counter() - started) / budget_s)
+    scale = min(1.0, (step + 1) / warmup_steps) * 0.5 * (1 + np.cos(np.pi * progress))
+    for group in optimizer.param_groups:
+        group["lr"] = lr * max(scale, floor)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(parameters, 1.0)
+    optimizer.step()

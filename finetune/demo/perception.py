@@ -22,7 +22,17 @@ from torch import nn
 
 from minicpmo.errors import TrainingError
 from minicpmo.processing.image_processing_minicpmo import stack_patch_strips
-from minicpmo.synthetic.scenes import COLOURS, GRID, SHAPES, SceneObject, SceneState, random_scene, render
+from minicpmo.synthetic.scenes import (
+    COLOURS,
+    GRID,
+    SHAPES,
+    SceneObject,
+    SceneState,
+    random_scene,
+    render,
+)
+
+from .budget import budgeted_step
 
 CELLS = GRID * GRID
 COUNT_CLASSES = CELLS + 1  # 0..9 objects of one shape or colour
@@ -188,15 +198,7 @@ def train_perception(model, image_processor, budget_s: float, seed: int = 0, bat
             shape_count_logits, colour_count_logits = count_probe(queries)
             loss = loss + F.cross_entropy(shape_count_logits.flatten(0, 1), shape_counts.flatten()) + F.cross_entropy(
                 colour_count_logits.flatten(0, 1), colour_counts.flatten())
-        # cosine decay over the wall-clock budget (or the step budget), after 20 warm-up steps
-        progress = min(1.0, step / planned) if max_steps else min(1.0, (time.perf_counter() - started) / budget_s)
-        scale = min(1.0, (step + 1) / 20) * 0.5 * (1 + np.cos(np.pi * progress))
-        for group in optimizer.param_groups:
-            group["lr"] = lr * max(scale, 0.02)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
+        budgeted_step(optimizer, parameters, loss, lr, step, started, budget_s, max_steps, warmup_steps=20)
         losses.append(loss.item())
         step += 1
         if step % 50 == 0:

@@ -19,12 +19,20 @@ from torch import nn
 
 from minicpmo.chat_prompts import system_message
 from minicpmo.errors import TrainingError
-from minicpmo.synthetic.scenes import QUESTION_KINDS, SceneQuestion, SceneState, answer_question
-from minicpmo.synthetic.scenes import random_question, random_scene, render
+from minicpmo.synthetic.scenes import (
+    QUESTION_KINDS,
+    SceneQuestion,
+    SceneState,
+    answer_question,
+    random_question,
+    random_scene,
+    render,
+)
 
 from ..chat_collator import TurnBasedCollator
 from ..labels import IGNORE_INDEX
 from ..trainer import labelled_cross_entropy
+from .budget import budgeted_step
 
 HELDOUT_SEED = 505  # the questions data (seed, 7) and the perception stage (seed, 303 / 404) draw elsewhere
 
@@ -116,15 +124,7 @@ def train_reading(model, processor, budget_s: float, seed: int = 0, batch_size: 
         hidden, labels = _hidden_and_labels(model, collator,
                                             [question_conversation(*draw_question(rng)) for _ in range(batch_size)])
         loss = labelled_cross_entropy(head, hidden, labels)
-        # cosine decay over the wall-clock budget (or the step budget), after 30 warm-up steps
-        progress = min(1.0, step / planned) if max_steps else min(1.0, (time.perf_counter() - started) / budget_s)
-        scale = min(1.0, (step + 1) / 30) * 0.5 * (1 + np.cos(np.pi * progress))
-        for group in optimizer.param_groups:
-            group["lr"] = lr * max(scale, 0.02)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+        budgeted_step(optimizer, params, loss, lr, step, started, budget_s, max_steps, warmup_steps=30)
         losses.append(loss.item())
         step += 1
         if step % 100 == 0:
