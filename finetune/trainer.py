@@ -21,6 +21,8 @@ Multi-GPU: the speech decoder runs outside the DDP-wrapped forward, so set `ddp_
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from trl import SFTTrainer
 
@@ -67,22 +69,13 @@ class OmniSFTTrainer(SFTTrainer):
             raise SpeechTrainingError("the batch has speech targets but the model has no speech decoder (`tts`)")
         if not hasattr(core, "model"):
             raise SpeechTrainingError("the model has no `model` backbone whose hidden states the losses read")
-        captured: list[torch.Tensor] = []
-
-        def keep_hidden(module, args, output):
-            if not captured:
-                captured.append(output.last_hidden_state)
-
-        handle = core.model.register_forward_hook(keep_hidden)
-        try:
+        with capture_last_hidden_state(core) as captured:
             if self.labelled_logits_only:
                 labels = inputs.pop("labels")
                 outputs = model(**inputs, logits_to_keep=1)
             else:
                 result = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                               num_items_in_batch=num_items_in_batch)
-        finally:
-            handle.remove()
         if not captured:
             raise SpeechTrainingError("the LLM backbone did not run, so there are no hidden states for the losses")
         if self.labelled_logits_only:
@@ -99,6 +92,23 @@ class OmniSFTTrainer(SFTTrainer):
             self._metrics[mode]["speech_loss"].append(float(speech.detach()))
         self._metrics[mode]["text_loss"].append(float(text_loss.detach()))
         return (loss, outputs) if return_outputs else loss
+
+
+@contextmanager
+def capture_last_hidden_state(core):
+    """Within the block, the first forward of `core.model` (the MiniCPMOModel backbone) appends its final-norm
+    `last_hidden_state` to the yielded list: the losses read it without asking the model for full logits."""
+    captured: list[torch.Tensor] = []
+
+    def keep_first(module, args, output):
+        if not captured:
+            captured.append(output.last_hidden_state)
+
+    handle = core.model.register_forward_hook(keep_first)
+    try:
+        yield captured
+    finally:
+        handle.remove()
 
 
 def labelled_cross_entropy(lm_head, hidden: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
@@ -118,4 +128,5 @@ def labelled_cross_entropy(lm_head, hidden: torch.Tensor, labels: torch.Tensor, 
     return loss / torch.as_tensor(count, device=loss.device, dtype=loss.dtype)
 
 
-__all__ = ["OmniSFTTrainer", "SpeechTrainingError", "labelled_cross_entropy"]
+__all__ = ["OmniSFTTrainer", "SpeechTrainingError", "capture_last_hidden_state",
+           "labelled_cross_entropy"]

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
+from torch import nn
 from transformers import TrainerCallback
 
 from minicpmo.errors import TrainingError
@@ -67,16 +69,10 @@ def fit_max_steps(trainer, budget_s: float, overhead: float = 1.25, minimum: int
     return trainer.args.max_steps
 
 
-__all__ = ["BudgetError", "WallClockStop", "fit_max_steps", "seconds_per_step"]
-
-
 def budgeted_step(optimizer, parameters, loss, lr: float, step: int, started: float, budget_s: float,
                   max_steps: int | None, warmup_steps: int, floor: float = 0.02) -> None:
     """One optimiser step of the demo's own loops (perception, reading): linear warm-up, then a cosine decay over
     the wall-clock budget (or over `max_steps` when given), never below `floor` x lr; gradients clipped to 1."""
-    import numpy as np
-    from torch import nn
-
     if max_steps:
         progress = min(1.0, step / max_steps)
     else:
@@ -88,3 +84,7 @@ def budgeted_step(optimizer, parameters, loss, lr: float, step: int, started: fl
     loss.backward()
     nn.utils.clip_grad_norm_(parameters, 1.0)
     optimizer.step()
+
+
+__all__ = ["BudgetError", "WallClockStop", "budgeted_step", "fit_max_steps", "seconds_per_step"]
+

@@ -7,7 +7,8 @@ colour, so this stage trains `vpm` + `resampler` with a linear probe on the resa
 cells, see CellProbe): the image tokens the LLM later reads then name one cell each, linearly. The probe is thrown
 away; only the encoder weights stay. Two more queries carry the scene's counts (CountProbe: query 9 the count of
 each shape, query 10 of each colour), because an LLM reading nine clean cell tokens learnt colour and existence
-questions but not counts (0.68 / 0.47 held-out after 12 min of fresh questions, see reading.py). Scenes are drawn fresh every step, so there is no overfitting to measure,
+questions but not counts (0.68 / 0.47 held-out after 12 min of fresh questions, see reading.py). Scenes are
+drawn fresh every step, so there is no overfitting to measure,
 and accuracy is reported on held-out scenes of the world's own generator (`random_scene`).
 """
 
@@ -125,6 +126,11 @@ def _labels(states: list[SceneState]) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
 
+def _probe_loss(logits: tuple[torch.Tensor, ...], labels: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Sum, in order, of the cross-entropy of each probe output over all its slots (cells, or shapes / colours)."""
+    return sum(F.cross_entropy(out.flatten(0, 1), target.flatten()) for out, target in zip(logits, labels))
+
+
 def _queries(model, pixel_values, tgt_sizes) -> torch.Tensor:
     return model.model.get_image_features(pixel_values, tgt_sizes).pooler_output  # [B, query_num, hidden]
 
@@ -190,14 +196,10 @@ def train_perception(model, image_processor, budget_s: float, seed: int = 0, bat
                   for _ in range(batch_size)]
         queries = _queries(model, *_image_batch(states, image_processor, image_size))
         shapes, colours = _labels(states)
-        shape_logits, colour_logits = probe(queries)
-        loss = F.cross_entropy(shape_logits.flatten(0, 1), shapes.flatten()) + F.cross_entropy(
-            colour_logits.flatten(0, 1), colours.flatten())
+        logits, labels = probe(queries), (shapes, colours)
         if count_probe is not None:
-            shape_counts, colour_counts = count_labels(states)
-            shape_count_logits, colour_count_logits = count_probe(queries)
-            loss = loss + F.cross_entropy(shape_count_logits.flatten(0, 1), shape_counts.flatten()) + F.cross_entropy(
-                colour_count_logits.flatten(0, 1), colour_counts.flatten())
+            logits, labels = logits + count_probe(queries), labels + count_labels(states)
+        loss = _probe_loss(logits, labels)
         budgeted_step(optimizer, parameters, loss, lr, step, started, budget_s, max_steps, warmup_steps=20)
         losses.append(loss.item())
         step += 1

@@ -31,7 +31,7 @@ from minicpmo.synthetic.scenes import (
 
 from ..chat_collator import TurnBasedCollator
 from ..labels import IGNORE_INDEX
-from ..trainer import labelled_cross_entropy
+from ..trainer import capture_last_hidden_state, labelled_cross_entropy
 from .budget import budgeted_step
 
 HELDOUT_SEED = 505  # the questions data (seed, 7) and the perception stage (seed, 303 / 404) draw elsewhere
@@ -71,13 +71,8 @@ def reading_parameters(model) -> list[nn.Parameter]:
 def _hidden_and_labels(model, collator: TurnBasedCollator, conversations: list[list[dict]]):
     batch = collator.encode(conversations)
     labels = batch.pop("labels")
-    captured: list[torch.Tensor] = []
-    handle = model.model.register_forward_hook(
-        lambda module, args, output: captured.append(output.last_hidden_state) if not captured else None)
-    try:
+    with capture_last_hidden_state(model) as captured:
         model(**batch, logits_to_keep=1)
-    finally:
-        handle.remove()
     return captured[0], labels
 
 
