@@ -30,6 +30,24 @@ def test_forced_listen_then_outputs_per_unit():
         session.step(units(1)[0])
 
 
+def test_vocabulary_head_runs_once_per_decided_token_and_not_on_prefill_or_closing():
+    """The system prefill and a unit's closing [terminator, </unit>] forward only extend the cache: no lm_head."""
+    model = tiny_model()
+    calls = []
+    handle = model.lm_head.register_forward_hook(lambda module, args, output: calls.append(tuple(args[0].shape)))
+    try:
+        session = model.duplex_session(processor(), generate_audio=False, **ALWAYS_SPEAK,
+                                       max_speak_tokens_per_unit=4)
+        assert calls == []  # the system turn was prefilled without logits
+        for chunk in units(3):
+            before = len(calls)
+            out = session.step(chunk)
+            assert len(calls) - before == len(out.token_ids)  # one head per token chosen, none for the closing
+    finally:
+        handle.remove()
+    assert all(shape == (model.config.hidden_size,) for shape in calls)
+
+
 def test_speaking_units_stream_audio_and_follow_the_layout():
     model = tiny_model()
     voice = load_voice("en_dlc")

@@ -182,8 +182,9 @@ class MiniCPMODuplexMixin:
         """The decoding context of a session (layout tokens, its DuplexConfig, forbidden ids; RNG set on reset)."""
         return DuplexDecoder(tokens=tokens, controls=controls, forbidden_ids=forbidden_ids)
 
-    def duplex_feed(self, context: DuplexLLMContext, input_ids=None, inputs_embeds=None):
-        """Run new positions on the cache; returns (last hidden state [H], logits [V])."""
+    def duplex_feed(self, context: DuplexLLMContext, input_ids=None, inputs_embeds=None, logits: bool = True):
+        """Run new positions on the cache; returns (last hidden state [H], logits [V], or None with `logits=False`:
+        the system prefill and a unit's closing forward only extend the cache, so their vocabulary head is skipped)."""
         if context.fed_embeds is not None:
             fed = inputs_embeds if inputs_embeds is not None else self.model.get_input_embeddings()(input_ids)
             context.fed_embeds.append(fed[0].detach().cpu())
@@ -193,7 +194,7 @@ class MiniCPMODuplexMixin:
                                         position_ids=positions.unsqueeze(0), use_cache=True)
         context.next_position += length
         hidden = out.last_hidden_state[0, -1]
-        return hidden, self.lm_head(hidden)
+        return hidden, (self.lm_head(hidden) if logits else None)
 
     @torch.no_grad()
     def duplex_prefill_system(self, context: DuplexLLMContext, inputs) -> None:
@@ -208,7 +209,7 @@ class MiniCPMODuplexMixin:
         context.system_length = input_ids.shape[1]
         if context.sequence_ids is not None:
             context.sequence_ids.extend(input_ids[0].tolist())
-        self.duplex_feed(context, inputs_embeds=embeds)
+        self.duplex_feed(context, inputs_embeds=embeds, logits=False)
 
     @torch.no_grad()
     def duplex_embed_unit(self, inputs, audio_state: DuplexAudioEncoderState) -> tuple:
@@ -274,7 +275,7 @@ class MiniCPMODuplexMixin:
     def duplex_close_unit(self, context: DuplexLLMContext, decoded: DecodedUnit, unit_start: int, tokens) -> None:
         """Feed the unit's terminator and `</unit>`, and record where the unit sits in the cache."""
         closing = [decoded.generated[-1], tokens.unit_end]
-        self.duplex_feed(context, input_ids=torch.tensor([closing], device=self.device))
+        self.duplex_feed(context, input_ids=torch.tensor([closing], device=self.device), logits=False)
         if context.sequence_ids is not None:
             context.sequence_ids.extend(decoded.generated[:-1] + closing)
         context.unit_spans.append([unit_start, context.next_position - unit_start])

@@ -8,6 +8,7 @@ Official checkpoints name the same tensors `llm.model.*`, `llm.lm_head.*`, `vpm.
 
 import json
 import os
+from pathlib import Path
 
 import safetensors.torch
 import torch
@@ -26,7 +27,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from ..configuration.configuration_minicpmo import MiniCPMOConfig
 from ..configuration.configuration_token2wav import Token2WavConfig
-from ..errors import ContextLengthError
+from ..errors import CheckpointError, ContextLengthError, SpeechOutputError
 from .modeling_audio import (
     MiniCPMOAudioEncoder,
     MiniCPMOAudioPositionEmbedding,
@@ -322,17 +323,24 @@ class MiniCPMOForConditionalGeneration(
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.init_tts:
             self.tts = MiniCPMOSpeechDecoder(config.tts_config)
-            token2wav_config = config.token2wav_config if config.token2wav_config is not None else Token2WavConfig()
-            if not isinstance(token2wav_config, Token2WavConfig):
-                # Remote code loads the configuration and modeling files as separate module copies, so the config
-                # object can be an instance of the other copy's class.
-                token2wav_config = Token2WavConfig.from_dict(token2wav_config.to_dict())
-            self.token2wav = MiniCPMOToken2Wav(token2wav_config)
-            self._keep_in_fp32_modules_strict = ["token2wav"]
+            if config.token2wav_config is not None:  # the config asks for one (trained or converted into it)
+                self._attach_token2wav(config.token2wav_config)
         self.post_init()
         self._keep_existing_no_split_modules()
-        if config.init_tts:
-            self._keys_to_ignore_on_save = {f"token2wav.{k}" for k in self.token2wav.state_dict()}
+
+    def _attach_token2wav(self, token2wav_config) -> None:
+        """Build token2wav (float32) and keep its weights out of model.safetensors.
+
+        Only built when a config names it or its weights are loaded (`load_token2wav`): the official config has no
+        token2wav_config, and a random full-size one (307 M parameters, ~1 GB) would only speak noise."""
+        if not isinstance(token2wav_config, Token2WavConfig):
+            # Remote code loads the configuration and modeling files as separate module copies, so the config
+            # object can be an instance of the other copy's class (or a plain dict from a token2wav/ folder).
+            values = token2wav_config if isinstance(token2wav_config, dict) else token2wav_config.to_dict()
+            token2wav_config = Token2WavConfig.from_dict(values)
+        self.token2wav = MiniCPMOToken2Wav(token2wav_config)
+        self._keep_in_fp32_modules_strict = ["token2wav"]
+        self._keys_to_ignore_on_save = {f"token2wav.{k}" for k in self.token2wav.state_dict()}
 
     # --- saving: the official layout; token2wav weights live next to the checkpoint, not inside it ----------------
     def official_buffers(self) -> dict[str, torch.Tensor]:
@@ -376,16 +384,30 @@ class MiniCPMOForConditionalGeneration(
             json.dump(self.token2wav.config.to_dict(), handle, indent=2, sort_keys=True)
 
     def load_token2wav(self, directory) -> None:
-        """Load token2wav weights (a folder written by save_pretrained or `python -m minicpmo.convert_token2wav`)."""
+        """Load token2wav weights (a folder written by save_pretrained or `python -m minicpmo.convert_token2wav`).
+
+        A model without token2wav (the official config names none) builds it here from the folder's config.json
+        (the full-size official layout where the folder has none); every weight of it must then be in the folder."""
         path = os.path.join(directory, "model.safetensors")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no token2wav weights at {path}")
+        if getattr(self, "tts", None) is None:
+            raise SpeechOutputError("this model was built with init_tts=False; it has no speech decoder for token2wav")
         state = safetensors.torch.load_file(path)
-        self.token2wav.load_state_dict(state, strict=False)
+        built_here = getattr(self, "token2wav", None) is None
+        if built_here:
+            config_path = os.path.join(directory, "config.json")
+            values = json.loads(Path(config_path).read_text()) if os.path.isfile(config_path) else {}
+            self._attach_token2wav(Token2WavConfig.from_dict(values) if values else Token2WavConfig())
+            self.token2wav.to(device=self.device, dtype=torch.float32)
         missing = set(self.token2wav.state_dict()) - set(state)
         unexpected = set(state) - set(self.token2wav.state_dict())
-        if unexpected:
-            raise ValueError(f"unexpected token2wav weights in {path}: {sorted(unexpected)[:5]}")
+        if unexpected or (built_here and missing):
+            if built_here:
+                del self.token2wav
+            problem = f"unexpected {sorted(unexpected)[:5]}" if unexpected else f"missing {sorted(missing)[:5]}"
+            raise CheckpointError(f"token2wav weights in {path} do not fit its config: {problem}")
+        self.token2wav.load_state_dict(state, strict=False)
         self.token2wav_weights_loaded = not missing
 
     @classmethod
@@ -397,9 +419,10 @@ class MiniCPMOForConditionalGeneration(
             # Kept fp32 (`_keep_in_fp32_modules_strict`); its weights are not in model.safetensors, so transformers'
             # dtype plan never saw them.
             model.token2wav.float()
+        if getattr(model, "tts", None) is not None:
             folder = cls._token2wav_folder(str(pretrained_model_name_or_path), kwargs)
             if folder is not None:
-                model.load_token2wav(folder)
+                model.load_token2wav(folder)  # builds token2wav from the folder where the config names none
         return output
 
     @classmethod

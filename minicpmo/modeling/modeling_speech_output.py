@@ -96,8 +96,14 @@ class MiniCPMOSpeechOutputMixin:
     """Adds `generate(return_audio=True)` and `chat()` to the model; needs `self.tts` and `self.token2wav`."""
 
     def _require_speech(self) -> None:
-        if getattr(self, "tts", None) is None or getattr(self, "token2wav", None) is None:
+        if getattr(self, "tts", None) is None:
             raise SpeechOutputError("this model was built with init_tts=False; it has no speech decoder / token2wav")
+        if getattr(self, "token2wav", None) is None:
+            raise SpeechOutputError(
+                "this model has no token2wav weights (the speech-code -> 24 kHz decoder; the official release ships "
+                "them apart from the checkpoint): load them with model.load_token2wav(DIR), DIR a token2wav/ folder "
+                "written by save_pretrained or by `python -m minicpmo.convert_token2wav`, or pass generate_audio=False"
+            )
 
     def prepare_voice(self, ref_audio, sample_rate: int = INPUT_SAMPLE_RATE):
         """Reference clip (np.ndarray / tensor at `sample_rate`, or a path) -> the token2wav voice prompt."""
