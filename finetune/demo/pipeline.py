@@ -56,12 +56,12 @@ PROGRESS_FILE = "progress.json"
 CHECKPOINT_DIR = "checkpoint"
 STAGES = ("init", "speech_tokenizer", "flow", "vocoder", "data", "perception", "reading", "questions", "duplex",
           "speech_decoder", "rehearsal")
-# Default minutes per timed stage (total ~116 with init, data, checkpoints and export on 2 cores).
+# Default minutes per timed stage (total ~109 with init, data, checkpoints and export on 2 cores).
 STAGE_MINUTES = {
     "speech_tokenizer": 6.0,
     "flow": 9.0,
     "vocoder": 13.0,
-    "perception": 11.0,
+    "perception": 8.0,
     "reading": 12.0,
     "questions": 15.0,
     "duplex": 24.0,
@@ -77,7 +77,7 @@ class DemoSettings:
     minutes_scale: float = 1.0
     speech_clips: int = 400
     sessions: int = 600
-    questions: int = 20000  # ~1 epoch in the questions stage: fresh scenes, so counts cannot be learnt as priors
+    questions: int = 3000
     seed: int = 0
     threads: int = 2
     audio_init: str = "whisper"
@@ -378,7 +378,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--minutes-scale", type=float, default=1.0, help="multiply every stage budget")
     parser.add_argument("--speech-clips", type=int, default=400)
     parser.add_argument("--sessions", type=int, default=600)
-    parser.add_argument("--questions", type=int, default=20000)
+    parser.add_argument("--questions", type=int, default=3000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--audio-init", choices=("whisper", "random"), default="whisper",
