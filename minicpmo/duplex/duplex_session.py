@@ -95,15 +95,26 @@ def speak_budget(config: DuplexConfig, state: DuplexState, now_s: float) -> int:
 def duplex_step(model, runtime: DuplexRuntime, state: DuplexState, audio, frame=None) -> DuplexOutput:
     """Advance the session by one unit (1 s of 16 kHz mono audio, optional frame)."""
     timings = dict.fromkeys(STAGES, 0.0)
-    time_s = state.unit_index * 1.0  # one unit per second of input
-    unit_index = state.unit_index
+    inputs, unit_index = begin_unit(runtime, state, audio, frame, timings)
+    if inputs is None:  # not enough audio yet for a unit
+        return DuplexOutput(True, "", None, False, unit_index * 1.0, timings, unit_index=unit_index)
+    decoded = _prefill_and_decode(model, runtime, state, inputs, unit_index, unit_index * 1.0, timings)
+    return finish_unit(model, runtime, state, decoded, unit_index, timings)
 
+
+def begin_unit(runtime: DuplexRuntime, state: DuplexState, audio, frame, timings: dict) -> tuple:
+    """Prepare the unit's inputs and advance the clock: (inputs, or None while too little audio came, unit index)."""
+    unit_index = state.unit_index
     inputs, mel_state = runtime.processor.duplex_unit(audio, frame, state.mel_state, timings)  # typed errors first
     state.mel_state, state.unit_index = mel_state, unit_index + 1
-    if inputs is None:  # not enough audio yet for a unit
-        return DuplexOutput(True, "", None, False, time_s, timings, unit_index=unit_index)
+    return inputs, unit_index
 
-    decoded = _prefill_and_decode(model, runtime, state, inputs, unit_index, time_s, timings)
+
+def finish_unit(model, runtime: DuplexRuntime, state: DuplexState, decoded, unit_index: int,
+                timings: dict) -> DuplexOutput:
+    """After the LLM decoded and closed the unit: speak, end the turn (barge-in included), slide the window."""
+    time_s = unit_index * 1.0  # one unit per second of input
+    state.generated = (state.generated + decoded.generated)[-runtime.config.repetition_window:]
     is_listen = decoded.first == runtime.tokens.listen
     interrupted = is_listen and state.in_turn  # barge-in: the model yields the floor, queued speech is dropped
     end_of_turn = decoded.end_of_turn or interrupted
@@ -136,7 +147,6 @@ def _prefill_and_decode(model, runtime: DuplexRuntime, state: DuplexState, input
                                        speak_budget(runtime.config, state, time_s))
     model.duplex_close_unit(state.llm, decoded, unit_start, runtime.tokens)
     timings["decode"] = time.perf_counter() - started
-    state.generated = (state.generated + decoded.generated)[-runtime.config.repetition_window:]
     return decoded
 
 
@@ -212,4 +222,5 @@ class DuplexSession:
         self.state = None
 
 
-__all__ = ["STAGES", "DuplexSession", "DuplexSessionClosedError", "DuplexState", "duplex_step", "speak_budget"]
+__all__ = ["STAGES", "DuplexRuntime", "DuplexSession", "DuplexSessionClosedError", "DuplexState", "begin_unit",
+           "duplex_step", "finish_unit", "speak_budget"]

@@ -122,6 +122,37 @@ def choose_decision(decoder: DuplexDecoder, logits: torch.Tensor) -> int:
     return draw(decoder, scores, warp=True)
 
 
+class UnitDecoding:
+    """The decoding of one unit after its first token, one fed token at a time (the session and the batched engine
+    run the same rule): feed `to_feed`, hand its hidden state and logits to `advance`, until `to_feed` is None."""
+
+    def __init__(self, decoder: DuplexDecoder, first: int, history: list, budget: int):
+        self.decoder, self.history, self.budget = decoder, history, budget
+        self.generated, self.text_ids, self.text_hidden = [first], [], []
+        self.end_of_turn = False
+        self.to_feed = None if first in decoder.tokens.unit_terminators else first
+
+    def advance(self, hidden: torch.Tensor, logits: torch.Tensor) -> None:
+        """`to_feed` was fed: record it (the first token is fed but is neither text nor speech condition, official:
+        hidden states j >= 1) and choose the next id; a terminator ends the unit."""
+        tok, fed = self.decoder.tokens, self.to_feed
+        if len(self.generated) > 1:
+            self.text_ids.append(fed)
+            self.text_hidden.append(hidden)
+        self.end_of_turn = fed == tok.turn_eos
+        if self.end_of_turn or len(self.generated) >= self.budget - 1:
+            token = tok.chunk_eos
+        else:
+            token = choose_token(self.decoder, logits, self.history + self.generated)
+            if token == tok.listen:  # the turn is open inside a speaking unit (official rule)
+                token = tok.tts_bos
+        self.generated.append(token)
+        self.to_feed = None if token in tok.unit_terminators else token
+
+    def result(self) -> DecodedUnit:
+        return DecodedUnit(self.generated, self.text_ids, self.text_hidden, self.end_of_turn)
+
+
 class MiniCPMODuplexMixin:
     """The duplex unit math on the model, and `duplex_session(...)` / `generate_duplex(...)` entry points."""
 
@@ -212,15 +243,32 @@ class MiniCPMODuplexMixin:
         self.duplex_feed(context, inputs_embeds=embeds, logits=False)
 
     @torch.no_grad()
-    def duplex_embed_unit(self, inputs, audio_state: DuplexAudioEncoderState) -> tuple:
-        """The processor's `duplex_unit` inputs -> (embeddings [1, L, H], new audio state, vision / audio seconds)."""
+    def duplex_image_features(self, units: list) -> list:
+        """The frames of several units (processor `duplex_unit` inputs) through the vision tower, one call per slice
+        size: [image features [slices, query_num, H], or None for a unit without a frame]."""
+        groups: dict = {}
+        for index, inputs in enumerate(units):
+            if "pixel_values" in inputs:
+                groups.setdefault(tuple(inputs["pixel_values"].shape[1:]), []).append(index)
+        features = [None] * len(units)
+        for indices in groups.values():
+            pixel_values = torch.cat([units[i]["pixel_values"] for i in indices]).to(self.device)
+            tgt_sizes = torch.cat([units[i]["tgt_sizes"] for i in indices]).to(self.device)
+            pooled = self.model.get_image_features(pixel_values, tgt_sizes).pooler_output
+            counts = [units[i]["pixel_values"].shape[0] for i in indices]
+            for index, part in zip(indices, pooled.split(counts)):
+                features[index] = part
+        return features
+
+    @torch.no_grad()
+    def duplex_embed_unit(self, inputs, audio_state: DuplexAudioEncoderState, image_features=None) -> tuple:
+        """The processor's `duplex_unit` inputs -> (embeddings [1, L, H], new audio state, vision / audio seconds);
+        `image_features` from `duplex_image_features` when the frame already went through the vision tower."""
         core = self.model
         timings = {}
         started = time.perf_counter()
-        image_features = None
-        if "pixel_values" in inputs:
-            image_features = core.get_image_features(inputs["pixel_values"].to(self.device),
-                                                     inputs["tgt_sizes"].to(self.device)).pooler_output
+        if image_features is None and "pixel_values" in inputs:
+            image_features = self.duplex_image_features([inputs])[0]
         timings["vision"] = time.perf_counter() - started
         started = time.perf_counter()
         mel_chunk = inputs["input_features"].to(device=self.device, dtype=core.apm.conv1.weight.dtype)
@@ -248,28 +296,11 @@ class MiniCPMODuplexMixin:
     def duplex_decode_unit(self, context: DuplexLLMContext, decoder: DuplexDecoder, first: int, history: list,
                            budget: int) -> DecodedUnit:
         """Decode the rest of a unit after its first token; `budget` caps the ids the unit may generate."""
-        tok = decoder.tokens
-        generated, text_ids, text_hidden = [first], [], []
-        end_of_turn = False
-        if first not in tok.unit_terminators:
-            # The first token is fed but is neither unit text nor speech condition (official: hidden states j >= 1).
-            hidden, logits = self.duplex_feed(context, input_ids=torch.tensor([[first]], device=self.device))
-            end_of_turn = first == tok.turn_eos
-            while True:
-                if end_of_turn or len(generated) >= budget - 1:
-                    token = tok.chunk_eos
-                else:
-                    token = choose_token(decoder, logits, history + generated)
-                    if token == tok.listen:  # the turn is open inside a speaking unit (official rule)
-                        token = tok.tts_bos
-                generated.append(token)
-                if token in tok.unit_terminators:
-                    break
-                end_of_turn = token == tok.turn_eos
-                hidden, logits = self.duplex_feed(context, input_ids=torch.tensor([[token]], device=self.device))
-                text_ids.append(token)
-                text_hidden.append(hidden)
-        return DecodedUnit(generated, text_ids, text_hidden, end_of_turn)
+        run = UnitDecoding(decoder, first, history, budget)
+        while run.to_feed is not None:
+            hidden, logits = self.duplex_feed(context, input_ids=torch.tensor([[run.to_feed]], device=self.device))
+            run.advance(hidden, logits)
+        return run.result()
 
     @torch.no_grad()
     def duplex_close_unit(self, context: DuplexLLMContext, decoded: DecodedUnit, unit_start: int, tokens) -> None:
@@ -320,5 +351,5 @@ class MiniCPMODuplexMixin:
                 del context.sequence_ids[context.system_length:context.system_length + drop]
 
 
-__all__ = ["DuplexDecoder", "DuplexLLMContext", "MiniCPMODuplexMixin",
+__all__ = ["DecodedUnit", "DuplexDecoder", "DuplexLLMContext", "MiniCPMODuplexMixin", "UnitDecoding",
            "choose_decision", "choose_token", "draw"]

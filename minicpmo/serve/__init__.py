@@ -1,0 +1,1 @@
+"""Serving: the realtime WebSocket server (`python -m minicpmo.serve`) on the batched duplex engine."""
