@@ -7,14 +7,15 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-OPTIONAL_STACKS = ("gradio", "trl", "peft", "datasets", "matplotlib", "faster_whisper", "ctranslate2", "jiwer")
+OPTIONAL_STACKS = ("gradio", "trl", "peft", "datasets", "matplotlib", "faster_whisper", "ctranslate2", "jiwer",
+                   "fastapi", "uvicorn", "websockets")
 
 USE_THE_MODEL = r"""
 import sys, torch
 import minicpmo
 from minicpmo import MiniCPMOForConditionalGeneration, MiniCPMOProcessor, tiny_config
 from minicpmo.duplex import DuplexConfig
-import minicpmo.duplex.evaluate, minicpmo.duplex.replay, minicpmo.export
+import minicpmo.duplex.evaluate, minicpmo.duplex.replay, minicpmo.duplex.engine, minicpmo.export
 torch.manual_seed(0)
 model = MiniCPMOForConditionalGeneration(tiny_config()).eval()
 processor = MiniCPMOProcessor.from_defaults()
@@ -45,5 +46,6 @@ def test_optional_stacks_live_in_extras_and_dev_installs_them_all():
     extras = project["optional-dependencies"]
     assert extras["space"] == ["gradio==6.31.0"]
     assert {"peft", "trl", "datasets"} <= {req.split("=")[0] for req in extras["train"]}
-    assert "minicpmo[space,train,eval]" in extras["dev"]
+    assert {"fastapi", "uvicorn", "websockets"} <= {req.split("=")[0].split(">")[0] for req in extras["serve"]}
+    assert "minicpmo[space,serve,train,eval]" in extras["dev"]
     assert (ROOT / "requirements.txt").read_text().strip().splitlines()[-1] == ".[space]"

@@ -38,10 +38,10 @@ def steer(monkeypatch, rule):
     they are). `key` is PREFILL after a unit's input embeddings, else the last id just fed."""
     real_feed = MiniCPMOForConditionalGeneration.duplex_feed
 
-    def feed(model, context, input_ids=None, inputs_embeds=None):
-        hidden, logits = real_feed(model, context, input_ids=input_ids, inputs_embeds=inputs_embeds)
+    def feed(model, context, input_ids=None, inputs_embeds=None, logits=True):
+        hidden, logits = real_feed(model, context, input_ids=input_ids, inputs_embeds=inputs_embeds, logits=logits)
         favoured = rule(PREFILL if input_ids is None else int(input_ids[0, -1]))
-        if favoured is not None:
+        if favoured is not None and logits is not None:
             logits = logits.clone()
             logits[favoured] = logits.max() + MARGIN
         return hidden, logits
@@ -189,8 +189,10 @@ def test_chunk_eos_only_wins_the_raw_draw(monkeypatch):
     bad = load_bad_token_ids()[3000]
     real_feed = MiniCPMOForConditionalGeneration.duplex_feed
 
-    def feed(model, context, input_ids=None, inputs_embeds=None):
-        hidden, logits = real_feed(model, context, input_ids=input_ids, inputs_embeds=inputs_embeds)
+    def feed(model, context, input_ids=None, inputs_embeds=None, logits=True):
+        hidden, logits = real_feed(model, context, input_ids=input_ids, inputs_embeds=inputs_embeds, logits=logits)
+        if logits is None:  # the system prefill and a unit's closing: no vocabulary head
+            return hidden, None
         logits = logits.clone()
         top = logits.max()
         logits[bad] = top + 2 * MARGIN  # wins the raw draw, then masked

@@ -20,7 +20,7 @@ from dataclasses import fields
 import numpy as np
 
 from ..duplex.duplex_config import DuplexConfig
-from ..errors import MiniCPMOError
+from ..errors import DuplexError
 
 INPUT_SAMPLE_RATE = 16000
 OUTPUT_SAMPLE_RATE = 24000
@@ -31,7 +31,7 @@ SESSION_FIELDS = ("instructions", "voice", "controls")
 CONTROL_FIELDS = tuple(f.name for f in fields(DuplexConfig))
 
 
-class ProtocolError(MiniCPMOError):
+class ProtocolError(DuplexError):
     """A client event the server cannot take; `code` names the problem for the error event."""
 
     def __init__(self, code: str, message: str):
