@@ -5,7 +5,8 @@
 
 Each session streams its own real speech (espeak-ng, a different voice and sentence per session) with a frame
 every other unit; one unit in three is a speaking unit (listen bias -1e9, up to 8 tokens), the others listen
-(+1e9), so rows of a batch stop at different decode steps. Speech output is off: the engine batches the LLM and the
+(+1e9), staggered over the sessions so rows of a batch stop at different decode steps (`--aligned`: all sessions
+speak on the same units). Speech output is off: the engine batches the LLM and the
 vision tower, and speech codes / token2wav run per speaking session. Both modes step the same sessions (fresh for
 each mode) through one `DuplexEngine`: "batched" hands every session's unit to one `step`, "one by one" calls `step`
 once per session. Prints per-tick latency p50/p95 (a tick = one unit of every session), units per second, the
@@ -65,7 +66,7 @@ def session_streams(n_sessions: int, n_units: int):
     return streams
 
 
-def run(model, processor, streams, batched: bool) -> dict:
+def run(model, processor, streams, batched: bool, aligned: bool = False) -> dict:
     engine = DuplexEngine(model, processor)
     ids = [f"s{i}" for i in range(len(streams))]
     for sid in ids:
@@ -73,7 +74,8 @@ def run(model, processor, streams, batched: bool) -> dict:
     ticks, decisions = [], {sid: [] for sid in ids}
     for k in range(len(streams[0])):
         for i, sid in enumerate(ids):
-            engine.sessions[sid].config.listen_bias = -1e9 if (k + i) % 3 == 0 else 1e9
+            speaks = k % 3 == 0 if aligned else (k + i) % 3 == 0
+            engine.sessions[sid].config.listen_bias = -1e9 if speaks else 1e9
         units = {sid: streams[i][k] for i, sid in enumerate(ids)}
         started = time.perf_counter()
         if batched:
@@ -97,6 +99,8 @@ def main() -> None:
     parser.add_argument("--sessions", nargs="+", type=int, default=[1, 2, 4, 8])
     parser.add_argument("--units", type=int, default=30)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--aligned", action="store_true",
+                        help="every session speaks on the same units (decode steps batch fully) instead of staggered")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
@@ -106,8 +110,8 @@ def main() -> None:
         processor = MiniCPMOProcessor.from_defaults()
         for n in args.sessions:
             streams = session_streams(n, args.units)
-            alone = run(model, processor, streams, batched=False)
-            together = run(model, processor, streams, batched=True)
+            alone = run(model, processor, streams, batched=False, aligned=args.aligned)
+            together = run(model, processor, streams, batched=True, aligned=args.aligned)
             same = alone["decisions"] == together["decisions"]
             rows.append((name, n, alone, together, same, rss_mb()))
             print(f"{name} x{n}: one-by-one {alone['units_per_s']:.2f} u/s, batched {together['units_per_s']:.2f} u/s, "
