@@ -24,25 +24,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from duplex import mid_config, rss_mb  # bench/duplex.py (`python bench/serve.py` puts bench/ on sys.path)
+
 from minicpmo import MiniCPMOForConditionalGeneration, MiniCPMOProcessor, tiny_config
 from minicpmo.duplex.engine import DuplexEngine
 
 SENTENCES = ["What colour is the triangle in the middle?", "How many squares can you see right now?",
              "Tell me when the circle turns red, please.", "Is there a green shape anywhere in the picture?"]
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def mid_config():
-    return tiny_config(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                       num_key_value_heads=2, head_dim=64,
-                       tts_config={**tiny_config().tts_config.to_dict(), "llm_dim": 896})
 
 
 def session_streams(n_sessions: int, n_units: int):

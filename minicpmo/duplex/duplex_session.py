@@ -96,8 +96,8 @@ def duplex_step(model, runtime: DuplexRuntime, state: DuplexState, audio, frame=
     """Advance the session by one unit (1 s of 16 kHz mono audio, optional frame)."""
     timings = dict.fromkeys(STAGES, 0.0)
     inputs, unit_index = begin_unit(runtime, state, audio, frame, timings)
-    if inputs is None:  # not enough audio yet for a unit
-        return DuplexOutput(True, "", None, False, unit_index * 1.0, timings, unit_index=unit_index)
+    if inputs is None:
+        return waiting_output(unit_index, timings)
     decoded = _prefill_and_decode(model, runtime, state, inputs, unit_index, unit_index * 1.0, timings)
     return finish_unit(model, runtime, state, decoded, unit_index, timings)
 
@@ -108,6 +108,11 @@ def begin_unit(runtime: DuplexRuntime, state: DuplexState, audio, frame, timings
     inputs, mel_state = runtime.processor.duplex_unit(audio, frame, state.mel_state, timings)  # typed errors first
     state.mel_state, state.unit_index = mel_state, unit_index + 1
     return inputs, unit_index
+
+
+def waiting_output(unit_index: int, timings: dict) -> DuplexOutput:
+    """The output of a step that got too little audio for a unit yet: a listen, nothing said."""
+    return DuplexOutput(True, "", None, False, unit_index * 1.0, timings, unit_index=unit_index)
 
 
 def finish_unit(model, runtime: DuplexRuntime, state: DuplexState, decoded, unit_index: int,
@@ -223,4 +228,4 @@ class DuplexSession:
 
 
 __all__ = ["STAGES", "DuplexRuntime", "DuplexSession", "DuplexSessionClosedError", "DuplexState", "begin_unit",
-           "duplex_step", "finish_unit", "speak_budget"]
+           "duplex_step", "finish_unit", "speak_budget", "waiting_output"]

@@ -20,8 +20,7 @@ import torch
 from ..errors import DuplexError, MiniCPMOError
 from ..modeling.modeling_duplex import UnitDecoding
 from ..modeling.modeling_duplex_batch import batched_feed, stack_contexts, unstack_contexts
-from .duplex_config import DuplexOutput
-from .duplex_session import STAGES, DuplexSession, begin_unit, finish_unit, speak_budget
+from .duplex_session import STAGES, DuplexSession, begin_unit, finish_unit, speak_budget, waiting_output
 
 
 class UnknownSessionError(DuplexError, KeyError):
@@ -87,8 +86,7 @@ class DuplexEngine:
                 results[session_id] = error
                 continue
             if inputs is None:
-                results[session_id] = DuplexOutput(True, "", None, False, unit_index * 1.0, timings,
-                                                   unit_index=unit_index)
+                results[session_id] = waiting_output(unit_index, timings)
             else:
                 ready.append((session_id, session, inputs, unit_index, timings))
         if ready:

@@ -398,7 +398,7 @@ class MiniCPMOForConditionalGeneration(
         if built_here:
             config_path = os.path.join(directory, "config.json")
             values = json.loads(Path(config_path).read_text()) if os.path.isfile(config_path) else {}
-            self._attach_token2wav(Token2WavConfig.from_dict(values) if values else Token2WavConfig())
+            self._attach_token2wav(values or Token2WavConfig())
             self.token2wav.to(device=self.device, dtype=torch.float32)
         missing = set(self.token2wav.state_dict()) - set(state)
         unexpected = set(state) - set(self.token2wav.state_dict())

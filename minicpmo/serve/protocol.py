@@ -27,7 +27,7 @@ OUTPUT_SAMPLE_RATE = 24000
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # a 1-s PCM16 chunk is 43 kB in base64, a 1080p JPEG well under 1 MB
 CLIENT_EVENTS = ("session.update", "input_audio_buffer.append", "frame.append", "session.close")
 SESSION_FIELDS = ("instructions", "voice", "controls")
-# Controls a client may set (the rest of DuplexConfig is the server's business: window sizes, seeds stay settable).
+# Controls a client may set: every DuplexConfig field.
 CONTROL_FIELDS = tuple(f.name for f in fields(DuplexConfig))
 
 
@@ -88,25 +88,25 @@ def decode_frame(event: dict):
     return image.convert("RGB")
 
 
+def _checked_object(value, known: tuple, what: str, code: str) -> dict:
+    """`value` must be a JSON object whose keys are all in `known`."""
+    if not isinstance(value, dict):
+        raise ProtocolError(code, f"{what} must be a JSON object")
+    unknown = sorted(set(value) - set(known))
+    if unknown:
+        raise ProtocolError("invalid_session", f"unknown {what} fields {unknown}; known: {list(known)}")
+    return value
+
+
 def session_settings(event: dict) -> dict:
     """`session.update` -> {instructions, voice, controls} (only the fields given), checked."""
-    session = event.get("session", {})
-    if not isinstance(session, dict):
-        raise ProtocolError("invalid_event", "session.update needs a `session` object")
-    unknown = sorted(set(session) - set(SESSION_FIELDS))
-    if unknown:
-        raise ProtocolError("invalid_session", f"unknown session fields {unknown}; known: {list(SESSION_FIELDS)}")
+    session = _checked_object(event.get("session", {}), SESSION_FIELDS, "session.update's `session`", "invalid_event")
     if "instructions" in session and not isinstance(session["instructions"], (str, type(None))):
         raise ProtocolError("invalid_session", "`instructions` is a string")
     if session.get("voice") not in (None, "model"):
         raise ProtocolError("invalid_session", f"`voice` is \"model\" (the model's own voice) or null, "
                                                f"got {session['voice']!r}")
-    controls = session.get("controls", {})
-    if not isinstance(controls, dict):
-        raise ProtocolError("invalid_session", "`controls` is an object of DuplexConfig fields")
-    bad = sorted(set(controls) - set(CONTROL_FIELDS))
-    if bad:
-        raise ProtocolError("invalid_session", f"unknown controls {bad}")
+    _checked_object(session.get("controls", {}), CONTROL_FIELDS, "`controls` (DuplexConfig)", "invalid_session")
     return session
 
 
