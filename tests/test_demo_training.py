@@ -282,3 +282,17 @@ def test_grouped_batches_keep_each_batch_to_one_source_and_every_row_once():
         collator([dataset[0], dataset[1]])
     with pytest.raises(MixedDataError, match="needs rows"):
         grouped_batches({"duplex": []}, {"duplex": 2})
+
+
+def test_stage_minutes_option_replaces_one_budget_and_rejects_bad_items():
+    from finetune.demo.pipeline import STAGE_MINUTES, DemoPipelineError, parse_stage_minutes
+
+    minutes = parse_stage_minutes(["perception=11", "reading=2.5"])
+    assert minutes["perception"] == 11.0 and minutes["reading"] == 2.5
+    assert {k: v for k, v in minutes.items() if k not in ("perception", "reading")} == {
+        k: v for k, v in STAGE_MINUTES.items() if k not in ("perception", "reading")}
+    assert parse_stage_minutes([]) == STAGE_MINUTES
+    for bad, words in [("perception", "STAGE=MIN"), ("data=3", "STAGE one of"), ("reading=fast", "not a number"),
+                       ("reading=0", "must be > 0")]:
+        with pytest.raises(DemoPipelineError, match=words):
+            parse_stage_minutes([bad])

@@ -385,6 +385,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="start the audio tower from Whisper tiny.en ([eval] extra) or at random")
     parser.add_argument("--resume", action="store_true", help="continue from the last finished stage in --work")
     parser.add_argument("--stop-after", choices=STAGES, default=None, help="stop after this stage (then --resume)")
+    parser.add_argument("--stage-minutes", action="append", default=[], metavar="STAGE=MIN",
+                        help="set one timed stage's budget in minutes before --minutes-scale (repeatable), "
+                             f"e.g. perception=11; defaults {STAGE_MINUTES}")
     args = parser.parse_args(argv)
     for name in ("minutes_scale", "speech_clips", "sessions", "questions", "threads"):
         if getattr(args, name) <= 0:
@@ -392,9 +395,26 @@ def main(argv: list[str] | None = None) -> dict:
     settings = DemoSettings(out=Path(args.out), work=Path(args.work), minutes_scale=args.minutes_scale,
                             speech_clips=args.speech_clips, sessions=args.sessions, questions=args.questions,
                             seed=args.seed, threads=args.threads, audio_init=args.audio_init, resume=args.resume,
-                            stop_after=args.stop_after)
+                            stop_after=args.stop_after, stage_minutes=parse_stage_minutes(args.stage_minutes))
     return build_demo_model(settings)
 
 
+def parse_stage_minutes(items: list[str]) -> dict:
+    """["perception=11", ...] -> the default STAGE_MINUTES with those stages replaced; typed error on bad items."""
+    minutes = dict(STAGE_MINUTES)
+    for item in items:
+        stage, sep, value = item.partition("=")
+        if not sep or stage not in STAGE_MINUTES:
+            raise DemoPipelineError(f"--stage-minutes takes STAGE=MIN with STAGE one of {tuple(STAGE_MINUTES)}, "
+                                    f"got {item!r}")
+        try:
+            minutes[stage] = float(value)
+        except ValueError:
+            raise DemoPipelineError(f"--stage-minutes {item!r}: {value!r} is not a number of minutes") from None
+        if not minutes[stage] > 0:
+            raise DemoPipelineError(f"--stage-minutes {item!r}: minutes must be > 0")
+    return minutes
+
+
 __all__ = ["DemoPipelineError", "DemoSettings", "STAGES", "STAGE_MINUTES", "build_demo_model", "build_processor",
-           "load_progress", "main", "run_stage"]
+           "load_progress", "main", "parse_stage_minutes", "run_stage"]
