@@ -43,6 +43,7 @@ from .modeling.modeling_minicpmo import (
 )
 from .modeling.modeling_multimodal_merge import PlaceholderMismatchError
 from .processing.processing_minicpmo import MiniCPMOProcessor
+from .quantization import QuantizationError, quantization_config
 from .processing.tokenization_minicpmo import MiniCPMOTokenizerFast
 
 AutoConfig.register(MiniCPMOConfig.model_type, MiniCPMOConfig, exist_ok=True)
@@ -52,6 +53,8 @@ AutoProcessor.register(MiniCPMOConfig, MiniCPMOProcessor, exist_ok=True)
 AutoTokenizer.register(MiniCPMOConfig, fast_tokenizer_class=MiniCPMOTokenizerFast, exist_ok=True)
 
 __all__ = [
+    "QuantizationError",
+    "quantization_config",
     "AudioInputError",
     "CheckpointError",
     "ConfigError",

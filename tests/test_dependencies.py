@@ -8,7 +8,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTIONAL_STACKS = ("gradio", "trl", "peft", "datasets", "matplotlib", "faster_whisper", "ctranslate2", "jiwer",
-                   "fastapi", "uvicorn", "websockets")
+                   "fastapi", "uvicorn", "websockets", "torchao")
 
 USE_THE_MODEL = r"""
 import sys, torch
@@ -47,5 +47,6 @@ def test_optional_stacks_live_in_extras_and_dev_installs_them_all():
     assert extras["space"] == ["gradio==6.31.0"]
     assert {"peft", "trl", "datasets"} <= {req.split("=")[0] for req in extras["train"]}
     assert {"fastapi", "uvicorn", "websockets"} <= {req.split("=")[0].split(">")[0] for req in extras["serve"]}
-    assert "minicpmo[space,serve,train,eval]" in extras["dev"]
+    assert extras["quant"] == ["torchao==0.18.0"]
+    assert "minicpmo[space,serve,train,eval,quant]" in extras["dev"]
     assert (ROOT / "requirements.txt").read_text().strip().splitlines()[-1] == ".[space]"
