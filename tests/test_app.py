@@ -177,6 +177,43 @@ def test_live_sessions_are_bounded_stepped_in_units_and_cleaned_up(loaded):
         manager.close_all()
 
 
+def test_two_browser_sessions_are_stepped_in_one_batch_and_each_gets_its_own_outputs(loaded):
+    manager = LiveSessionManager(loaded, FAST)
+    options = {"a": LiveOptions("Remind me to drink water.", load_voice("en_dlc")),
+               "b": LiveOptions("Streaming Omni Conversation.", None, generate_audio=False)}
+    rng = np.random.default_rng(4)
+    mics = {key: to_int16(0.1 * rng.standard_normal(2 * 48000)) for key in options}
+    frames = {"a": Image.new("RGB", (64, 48), "red"), "b": Image.new("RGB", (40, 40), "blue")}
+    try:
+        lives = {key: manager.start(key, option)[0] for key, option in options.items()}
+        claims = {key: live.claim_output() for key, live in lives.items()}
+        with loaded.lock:  # the ticker takes units under the model lock: both sessions' units are queued first
+            for key, live in lives.items():
+                live.set_frame(frames[key])
+                assert live.push_audio(48000, mics[key]) == 2
+        updates = {}
+        for key, live in lives.items():
+            stream = live.updates(claims[key], poll_s=0.2)
+            updates[key] = [next(stream), next(stream)]
+        assert [set(batch) for batch in list(manager.ticker.batches)[:2]] == [{"a", "b"}, {"a", "b"}]
+    finally:
+        manager.close_all()
+    assert manager.ticker.engine.sessions == {}
+    for key, option in options.items():  # each browser session gets what its session stepped alone gives
+        alone = loaded.model.duplex_session(
+            loaded.processor, system_prompt=option.system_prompt, ref_audio=option.ref_audio,
+            generate_audio=option.generate_audio, force_listen_count=FAST.live_force_listen_count,
+            listen_bias=FAST.live_listen_bias, max_speak_tokens_per_unit=FAST.live_max_speak_tokens)
+        for unit, update in zip(UnitAssembler().push(48000, mics[key]), updates[key], strict=True):
+            out = alone.step(unit, frames[key])
+            assert {k: v for k, v in vars(update.event).items() if k != "step_s"} == out.as_event(timings=False)
+            if option.generate_audio:
+                np.testing.assert_allclose(update.audio, out.audio, atol=1e-4)
+            else:
+                assert update.audio is None and out.audio is None
+        alone.close()
+
+
 # --- the running app through gradio_client ---------------------------------------------------------------------------
 def test_named_endpoints(client):
     info = client.view_api(print_info=False, return_format="dict")

@@ -8,7 +8,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTIONAL_STACKS = ("gradio", "trl", "peft", "datasets", "matplotlib", "faster_whisper", "ctranslate2", "jiwer",
-                   "fastapi", "uvicorn", "websockets", "torchao")
+                   "fastapi", "uvicorn", "websockets")
+# torchao (the [quant] extra) is not in the list: transformers' quantizers/auto.py imports it with every model
+# import whenever it is installed, so that is transformers' import, not ours.
 
 USE_THE_MODEL = r"""
 import sys, torch

@@ -119,35 +119,105 @@ def test_two_clients_are_stepped_and_answered_separately(app):
 
 
 def test_the_python_client_talks_to_a_uvicorn_server():
-    import threading
-    import time
-
-    import uvicorn
-
     from minicpmo.serve.client import RealtimeClient
+    from minicpmo.serve.local import running_server
 
-    app = create_app(tiny_model(), processor())
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not (server.started and server.servers) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        port = server.servers[0].sockets[0].getsockname()[1]
-        with RealtimeClient(f"ws://127.0.0.1:{port}/v1/realtime") as client:
-            assert client.session["type"] == "session.created"
-            client.update_session(instructions="Be brief.", **ALWAYS_SPEAK)
-            assert client.receive(timeout=30)["type"] == "session.updated"
-            client.append_frame(image(320, 240))
-            client.append_audio(tone(1.0, 300))
-            events = []
-            for event in client.events(timeout=30):
-                events.append(event)
-                if event["type"] == "unit.decision":
-                    break
-            assert events[-1] == {"type": "unit.decision", "unit": 0, "action": "speak", "time_s": 0.0,
-                                  "event_id": events[-1]["event_id"]}
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with running_server(create_app(tiny_model(), processor())) as url, RealtimeClient(url) as client:
+        assert client.session["type"] == "session.created"
+        client.update_session(instructions="Be brief.", **ALWAYS_SPEAK)
+        assert client.receive(timeout=30)["type"] == "session.updated"
+        client.append_frame(image(320, 240))
+        client.append_audio(tone(1.0, 300))
+        events = []
+        for event in client.events(timeout=30):
+            events.append(event)
+            if event["type"] == "unit.decision":
+                break
+        assert events[-1] == {"type": "unit.decision", "unit": 0, "action": "speak", "time_s": 0.0,
+                              "event_id": events[-1]["event_id"]}
+
+
+def test_a_frame_goes_with_the_unit_whose_audio_was_arriving_however_late_the_tick():
+    import asyncio
+
+    import numpy as np
+
+    from minicpmo.serve.realtime import ClientSession
+
+    session = ClientSession("s", asyncio.Queue())
+    first, second = image(32, 32, seed=1), image(32, 32, seed=2)
+    session.add_audio(tone(0.5))
+    session.add_frame(first)  # during unit 0
+    session.add_audio(tone(0.5))
+    session.add_frame(second)  # after unit 0's last sample: unit 1's, though unit 0 is not taken yet
+    session.add_audio(tone(1.2))
+    unit0, frame0 = session.take_unit()
+    unit1, frame1 = session.take_unit()
+    assert frame0 is first and frame1 is second and len(unit0) == len(unit1) == 16000
+    assert session.buffered == int(0.2 * 16000) and session.frames == {}
+    session.add_frame(first)
+    session.clear()
+    assert (session.received, session.taken, session.frames, session.buffered) == (0, 0, {}, 0)
+    np.testing.assert_array_equal(unit1[:8000], tone(1.2)[:8000])
+
+
+@pytest.mark.parametrize("max_batch", [None, 1])
+def test_concurrent_clients_on_uvicorn_get_their_own_events_in_order(max_batch):
+    """Three clients stream at once (faster than the server steps): each one's event ids count up without gaps, its
+    units come in order, and its decisions and text equal its session stepped alone."""
+    import threading
+
+    from minicpmo.duplex.engine import DuplexEngine
+    from minicpmo.serve.client import RealtimeClient
+    from minicpmo.serve.local import running_server
+
+    model, proc = tiny_model(), processor()
+    streams = {i: [(tone(1.0, 200 + 90 * i + 30 * k), image(64, 48, seed=10 * i + k) if k != 1 else None)
+                   for k in range(3)] for i in range(3)}
+    controls = {i: {**ALWAYS_SPEAK, "listen_bias": [-1e9, -1e9, 1e9][i]} for i in streams}
+    expected = {}
+    for i, stream in streams.items():
+        engine = DuplexEngine(model, proc)
+        engine.open("alone", **controls[i])
+        outs = [engine.step({"alone": unit})["alone"] for unit in stream]
+        expected[i] = [(o.action, o.text) for o in outs]
+    got, failures = {}, []
+
+    def client_run(i, url):
+        try:
+            with RealtimeClient(url) as client:
+                client.update_session(**controls[i])
+                assert client.receive(timeout=60)["type"] == "session.updated"
+                for audio, frame in streams[i]:
+                    if frame is not None:
+                        client.append_frame(frame)
+                    client.append_audio(audio[:7000])
+                    client.append_audio(audio[7000:])
+                events = []
+                for event in client.events(timeout=60):  # until the server closes: unit 2's text comes after its
+                    events.append(event)                  # decision, and the server sends what it queued first
+                    if event["type"] == "unit.decision" and event["unit"] == 2:
+                        client.send({"type": "session.close"})
+                got[i] = events
+        except BaseException as error:
+            failures.append((i, error))
+
+    with running_server(create_app(model, proc, max_batch=max_batch)) as url:
+        threads = [threading.Thread(target=client_run, args=(i, url)) for i in streams]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+    assert not failures
+    for i, events in got.items():
+        ids = [event["event_id"] for event in events]
+        assert ids == list(range(ids[0], ids[0] + len(ids)))
+        assert [e["unit"] for e in events if e["type"] == "unit.decision"] == [0, 1, 2]
+        texts = {}
+        for e in events:
+            if e["type"] == "response.text.delta":
+                texts[e["unit"]] = texts.get(e["unit"], "") + e["delta"]
+        decisions = [(e["action"], texts.get(e["unit"], "")) for e in events if e["type"] == "unit.decision"]
+        assert decisions == expected[i]
+    assert expected[0] != expected[1] and expected[1] != expected[2]  # the streams differ, so cross-talk would show
+    assert all(action == "speak" and text for action, text in expected[0])

@@ -11,6 +11,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max-sessions", type=int, default=16)
+    parser.add_argument("--max-batch", type=int, default=None,
+                        help="most sessions per engine step (default: all with a unit ready; 1: one by one)")
     args = parser.parse_args(argv)
 
     import uvicorn
@@ -22,7 +24,7 @@ def main(argv: list[str] | None = None) -> None:
     loaded = load_model(args.model)
     voice = read_audio_16k(loaded.model_voice) if loaded.model_voice else None
     app = create_app(loaded.model, loaded.processor, voice_audio=voice, name=loaded.name,
-                     max_sessions=args.max_sessions)
+                     max_sessions=args.max_sessions, max_batch=args.max_batch)
     uvicorn.run(app, host=args.host, port=args.port, ws_max_size=8 * 1024 * 1024)
 
 

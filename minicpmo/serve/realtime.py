@@ -1,6 +1,7 @@
 """The realtime server: WebSocket sessions on one `DuplexEngine`, stepped together one unit tick at a time.
 
-One asyncio task (the tick loop) collects a unit (1 s of audio, the latest frame) from every session that has one
+One asyncio task (the tick loop) collects a unit (1 s of audio, and the last frame that arrived while that second
+of audio was arriving) from every session that has one
 buffered and hands them to the engine in one call, on the single model thread (all model work, opening and closing
 sessions included, runs on that one executor thread, so the model is never used by two threads). Each connection
 has its own reader and writer; the tick never waits for a client.
@@ -39,13 +40,19 @@ UNIT_SAMPLES = INPUT_SAMPLE_RATE  # one duplex unit is 1 s of 16 kHz audio
 
 @dataclass
 class ClientSession:
-    """One connection's buffers: pending audio, the latest frame, the events not yet sent."""
+    """One connection's buffers: pending audio, the frames of the units not taken yet, the events not yet sent.
+
+    A frame belongs to the unit whose audio was arriving when it came (the stream's own clock: samples received so
+    far), not to whichever unit the tick takes next, so a server running behind pairs the same frames and audio as
+    one keeping up."""
 
     session_id: str
     outbox: asyncio.Queue
     audio: list = field(default_factory=list)
     buffered: int = 0
-    frame: object = None
+    received: int = 0  # samples received since the session (re)opened
+    taken: int = 0  # units taken since then
+    frames: dict = field(default_factory=dict)  # unit index -> its latest frame (only units not taken yet)
     opened: bool = False
     dropped: bool = False
     event_ids: itertools.count = field(default_factory=itertools.count)
@@ -67,15 +74,34 @@ class ClientSession:
         samples = np.concatenate(self.audio)
         unit, rest = samples[:UNIT_SAMPLES], samples[UNIT_SAMPLES:]
         self.audio, self.buffered = ([rest] if len(rest) else []), len(rest)
-        frame, self.frame = self.frame, None
+        frame = self.frames.pop(self.taken, None)
+        self.taken += 1
         return unit, frame
+
+    def add_audio(self, samples: np.ndarray) -> None:
+        self.audio.append(samples)
+        self.buffered += len(samples)
+        self.received += len(samples)
+
+    def add_frame(self, frame) -> None:
+        self.frames[self.received // UNIT_SAMPLES] = frame
+
+    def clear(self) -> None:
+        """Forget buffered input (a re-open starts the stream clock over)."""
+        self.audio, self.buffered, self.received, self.taken, self.frames = [], 0, 0, 0, {}
 
 
 class RealtimeServer:
-    """Sessions, the engine and the tick loop (see module docstring); `app()` is the FastAPI application."""
+    """Sessions, the engine and the tick loop (see module docstring); `app()` is the FastAPI application.
+
+    `max_batch`: the most sessions one engine step takes (None: every session with a unit ready; 1: one by one, the
+    baseline of `bench/serve_load.py`)."""
 
     def __init__(self, model, processor, voice_audio=None, name: str = "model", max_buffer_s: float = 5.0,
-                 max_outbox: int = 256, max_sessions: int = 16):
+                 max_outbox: int = 256, max_sessions: int = 16, max_batch: int | None = None):
+        if max_batch is not None and int(max_batch) < 1:
+            raise ValueError(f"max_batch must be None (all ready sessions) or >= 1, got {max_batch}")
+        self.max_batch = None if max_batch is None else int(max_batch)
         self.engine = DuplexEngine(model, processor)
         self.voice_audio = voice_audio
         self.name = name
@@ -169,7 +195,7 @@ class RealtimeServer:
         if self.sessions.pop(session.session_id, None) is not None and session.opened:
             session.opened = False
             await self._model(self.engine.close, session.session_id)
-        session.audio, session.buffered, session.frame = [], 0, None
+        session.clear()
 
     async def _handle(self, session: ClientSession, event: dict) -> bool:
         """Apply one client event; False ends the connection."""
@@ -187,11 +213,10 @@ class RealtimeServer:
             if session.buffered + len(samples) > self.max_buffer:
                 raise ProtocolError("input_audio_buffer_full", f"more than {self.max_buffer / INPUT_SAMPLE_RATE:.1f} "
                                     "s of audio waiting: send in real time (this chunk was dropped)")
-            session.audio.append(samples)
-            session.buffered += len(samples)
+            session.add_audio(samples)
             self._wake.set()
         elif kind == "frame.append":
-            session.frame = decode_frame(event)
+            session.add_frame(decode_frame(event))
         return True
 
     async def _open(self, session: ClientSession, settings: dict) -> None:
@@ -211,7 +236,7 @@ class RealtimeServer:
         session.opened = False
         await self._model(reopen)
         session.opened = True
-        session.audio, session.buffered, session.frame = [], 0, None
+        session.clear()
 
     # ------------------------------------------------------------------------------------------- the tick
     async def _tick_loop(self) -> None:
@@ -222,22 +247,27 @@ class RealtimeServer:
                 ready = [session for session in list(self.sessions.values()) if session.ready()]
                 if not ready:
                     break
-                units = {session.session_id: session.take_unit() for session in ready}
-                try:
-                    results = await self._model(self.engine.step, units)
-                except Exception as error:  # a model failure: every session of the tick hears of it, the loop goes on
-                    results = {session_id: error for session_id in units}
-                self.ticks += 1
-                for session_id, result in results.items():
-                    session = self.sessions.get(session_id)
-                    if session is None:
-                        continue
-                    if isinstance(result, Exception):
-                        self._send(session, error_event(result))
-                        continue
-                    self.units += 1
-                    for event in unit_events(result):
-                        self._send(session, event)
+                units = [(session.session_id, session.take_unit()) for session in ready]
+                for start in range(0, len(units), self.max_batch or len(units)):
+                    await self._step(dict(units[start:start + (self.max_batch or len(units))]))
+
+    async def _step(self, units: dict) -> None:
+        """One engine step over `units` and the events it makes, sent to each session."""
+        try:
+            results = await self._model(self.engine.step, units)
+        except Exception as error:  # a model failure: every session of the step hears of it, the loop goes on
+            results = {session_id: error for session_id in units}
+        self.ticks += 1
+        for session_id, result in results.items():
+            session = self.sessions.get(session_id)
+            if session is None:
+                continue
+            if isinstance(result, Exception):
+                self._send(session, error_event(result))
+                continue
+            self.units += 1
+            for event in unit_events(result):
+                self._send(session, event)
 
 
 def create_app(model, processor, voice_audio=None, name: str = "model", **options):

@@ -1,10 +1,10 @@
-"""Live full-duplex sessions: one DuplexSession per browser session, a worker thread that steps it once per
-1-s unit, and a bounded registry with idle timeout.
+"""Live full-duplex sessions: one engine session per browser session, all of them stepped together once per
+1-s unit by the manager's `LiveTicker`, and a bounded registry with idle timeout.
 
 Data flow: the microphone `.stream` handler only calls `push_audio` (resample + enqueue whole units) and the
-webcam handler only stores the latest frame; the worker takes units from the input queue, steps the session
-(under the session lock and the global model lock) and puts `LiveUpdate`s on the output queue; the single
-long-lived output generator of the browser session drains that queue (`updates()`).
+webcam handler only stores the latest frame; the ticker takes one unit from every session that has one, steps
+them in one batch (`minicpmo.duplex.DuplexEngine`, under the model lock) and puts each session's `LiveUpdate` on
+its output queue; the single long-lived output generator of the browser session drains that queue (`updates()`).
 """
 
 import queue
@@ -19,6 +19,7 @@ from minicpmo.audio_utils import OUTPUT_SAMPLE_RATE
 from minicpmo.errors import SpaceError
 
 from .audio_io import UnitAssembler
+from .live_ticker import LiveTicker
 from .model_loading import LoadedModel
 from .settings import SpaceSettings
 
@@ -75,11 +76,11 @@ class LiveStats:
 
 
 class LiveSession:
-    """Server side of one browser's live conversation."""
+    """Server side of one browser's live conversation; the manager's `LiveTicker` steps it with the others."""
 
-    def __init__(self, key: str, loaded: LoadedModel, settings: SpaceSettings, options: LiveOptions):
-        self.key, self.loaded, self.settings, self.options = key, loaded, settings, options
-        self.step_lock = threading.Lock()  # a session is never stepped concurrently (worker vs reset/close)
+    def __init__(self, key: str, loaded: LoadedModel, settings: SpaceSettings, options: LiveOptions,
+                 ticker: LiveTicker):
+        self.key, self.loaded, self.settings, self.options, self.ticker = key, loaded, settings, options, ticker
         self.inputs: queue.Queue = queue.Queue()
         self.outputs: queue.Queue = queue.Queue()
         self.assembler = UnitAssembler()
@@ -91,46 +92,39 @@ class LiveSession:
         self.closed = threading.Event()
         self.session = None
         self.output_claim = 0  # the newest output generator owns the output queue
-        self._worker = threading.Thread(target=self._run, name=f"live-{key[:8]}", daemon=True)
+        self._close_lock = threading.Lock()
 
     # --- lifecycle -----------------------------------------------------------------------------------------------
     def open(self) -> None:
-        """Prefill the system prompt and voice, then start the worker."""
-        with self.step_lock, self.loaded.lock:
-            self.session = self.loaded.model.duplex_session(
-                self.loaded.processor, system_prompt=self.options.system_prompt, ref_audio=self.options.ref_audio,
-                generate_audio=self.options.generate_audio, force_listen_count=self.settings.live_force_listen_count,
-                listen_bias=self.settings.live_listen_bias,
-                max_speak_tokens_per_unit=self.settings.live_max_speak_tokens,
-            )
-        self._worker.start()
+        """Prefill the system prompt and voice in the engine, then join the ticks."""
+        self.session = self.ticker.open(
+            self.key, system_prompt=self.options.system_prompt, ref_audio=self.options.ref_audio,
+            generate_audio=self.options.generate_audio, force_listen_count=self.settings.live_force_listen_count,
+            listen_bias=self.settings.live_listen_bias, max_speak_tokens_per_unit=self.settings.live_max_speak_tokens,
+        )
+        self.ticker.add(self)
 
     def reset(self) -> None:
         """Forget the conversation (fresh caches) but keep the session slot and the output stream."""
-        with self.step_lock:
-            self._raise_if_closed()
+        self._raise_if_closed()
+        with self.loaded.lock:  # the ticker takes units under this lock: none is in flight while we reset
             self._drain_inputs()
             self.assembler.reset()
-            with self.loaded.lock:
-                self.session.reset()
+            self.ticker.reset(self.key)
             self.events.clear()
             self.stats = LiveStats()
         self.outputs.put(LiveUpdate(reset=True))
 
     def close(self, reason: str | None = None) -> None:
-        """Stop the worker, end the output stream and free the caches; safe to call more than once."""
-        if self.closed.is_set():
-            return
-        if reason and self.error is None:
-            self.error = reason
-        self.closed.set()
-        self.inputs.put(_STOP)
-        if self._worker.is_alive() and threading.current_thread() is not self._worker:
-            self._worker.join(timeout=30)
-        with self.step_lock:
-            if self.session is not None:
-                self.session.close()
-                self.session = None  # let the KV cache go now, not when the browser state expires
+        """Leave the ticks, end the output stream and free the caches; safe to call more than once."""
+        with self._close_lock:
+            if self.closed.is_set():
+                return
+            if reason and self.error is None:
+                self.error = reason
+            self.closed.set()
+        self.ticker.remove(self.key)
+        self.session = None  # let the KV cache go now, not when the browser state expires
         self.outputs.put(_STOP)
 
     # --- input side (called from Gradio's stream handlers) ---------------------------------------------------------
@@ -144,58 +138,53 @@ class LiveSession:
             self.stats.units_in += 1
         while self.inputs.qsize() > self.settings.live_max_backlog_units:  # model slower than real time
             try:
-                dropped = self.inputs.get_nowait()
+                self.inputs.get_nowait()
             except queue.Empty:
                 break
-            if dropped is _STOP:
-                self.inputs.put(_STOP)
-                break
             self.stats.units_dropped += 1
+        if units:
+            self.ticker.wake()
         return len(units)
 
     def set_frame(self, frame) -> None:
         if not self.options.audio_only and frame is not None:
             self.latest_frame = frame
 
-    # --- worker -----------------------------------------------------------------------------------------------------
-    def _run(self) -> None:
-        while not self.closed.is_set():
-            unit = self.inputs.get()
-            if unit is _STOP:
-                return
-            try:
-                with self.step_lock:
-                    if self.closed.is_set():
-                        return
-                    frame = None if self.options.audio_only else self.latest_frame
-                    started = time.perf_counter()
-                    with self.loaded.lock:
-                        out = self.session.step(unit, frame)
-                    elapsed = time.perf_counter() - started
-            except Exception as error:  # shown to this user only; other sessions keep running
-                message = f"live session stopped: {type(error).__name__}: {error}"
-                self.outputs.put(LiveUpdate(error=message))
-                self.close(message)
-                return
-            event = UnitEvent(**out.as_event(timings=False), step_s=elapsed)
-            self.events.append(event)
-            self.stats.units_done += 1
-            self.stats.last_step_s = elapsed
-            speech = out.audio if out.audio is not None and out.audio.size else None
-            if speech is not None:
-                self.stats.speech_s += speech.shape[0] / OUTPUT_RATE
-            if speech is None and self.options.generate_audio:
-                speech = np.zeros(OUTPUT_RATE, dtype=np.float32)  # keep the output clock running while listening
-            self.outputs.put(LiveUpdate(audio=speech, event=event))
+    # --- stepped by the ticker -----------------------------------------------------------------------------------------
+    def has_unit(self) -> bool:
+        return not self.closed.is_set() and not self.inputs.empty()
+
+    def take_unit(self):
+        """The next queued unit with the latest frame, or None."""
+        try:
+            unit = self.inputs.get_nowait()
+        except queue.Empty:
+            return None
+        return unit, None if self.options.audio_only else self.latest_frame
+
+    def deliver(self, out, elapsed: float) -> None:
+        """The ticker's result for this session's unit: a DuplexOutput, or the error that stopped it."""
+        if isinstance(out, Exception):  # shown to this user only; other sessions keep running
+            message = f"live session stopped: {type(out).__name__}: {out}"
+            self.outputs.put(LiveUpdate(error=message))
+            self.close(message)
+            return
+        event = UnitEvent(**out.as_event(timings=False), step_s=elapsed)
+        self.events.append(event)
+        self.stats.units_done += 1
+        self.stats.last_step_s = elapsed
+        speech = out.audio if out.audio is not None and out.audio.size else None
+        if speech is not None:
+            self.stats.speech_s += speech.shape[0] / OUTPUT_RATE
+        if speech is None and self.options.generate_audio:
+            speech = np.zeros(OUTPUT_RATE, dtype=np.float32)  # keep the output clock running while listening
+        self.outputs.put(LiveUpdate(audio=speech, event=event))
 
     def _drain_inputs(self) -> None:
         while True:
             try:
-                item = self.inputs.get_nowait()
+                self.inputs.get_nowait()
             except queue.Empty:
-                return
-            if item is _STOP:
-                self.inputs.put(_STOP)
                 return
 
     def _raise_if_closed(self) -> None:
@@ -232,6 +221,7 @@ class LiveSessionManager:
     sessions: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        self.ticker = LiveTicker(self.loaded, batch_wait_s=self.settings.live_batch_wait_s)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._reaper = threading.Thread(target=self._reap_forever, name="live-reaper", daemon=True)
@@ -249,7 +239,7 @@ class LiveSessionManager:
                     f"all {self.settings.max_live_sessions} live slots are in use by other visitors; "
                     "please try again in a minute (chat and replay still work)"
                 )
-            live = LiveSession(key, self.loaded, self.settings, options)
+            live = LiveSession(key, self.loaded, self.settings, options, self.ticker)
             self.sessions[key] = live  # reserve the slot before the (slow) prefill
         try:
             live.open()
@@ -292,6 +282,7 @@ class LiveSessionManager:
             keys = list(self.sessions)
         for key in keys:
             self.close(key, "the server is shutting down")
+        self.ticker.stop()
 
     def _reap_forever(self) -> None:
         interval = min(5.0, self.settings.live_idle_timeout_s / 4)

@@ -34,6 +34,7 @@ class SpaceSettings:
     live_force_listen_count: int = 3  # MINICPMO_LIVE_FORCE_LISTEN: first units that always listen
     live_max_speak_tokens: int = 20  # MINICPMO_LIVE_MAX_SPEAK_TOKENS: text tokens per speaking unit
     live_max_backlog_units: int = 4  # MINICPMO_LIVE_MAX_BACKLOG: older queued units are dropped beyond this
+    live_batch_wait_s: float = 0.15  # MINICPMO_LIVE_BATCH_WAIT_S: wait for the other sessions' units of a tick
     chat_max_new_tokens: int = 512  # MINICPMO_CHAT_MAX_NEW_TOKENS
     chat_max_speech_codes: int | None = None  # MINICPMO_CHAT_MAX_SPEECH_CODES: cap on speech codes (25 per s)
     replay_max_seconds: float = 180.0  # MINICPMO_REPLAY_MAX_SECONDS: longest replay (it holds the model lock)
@@ -45,6 +46,8 @@ class SpaceSettings:
             raise SpaceSettingsError(f"MINICPMO_LIVE_IDLE_TIMEOUT_S must be > 0, got {self.live_idle_timeout_s}")
         if self.live_max_backlog_units < 1:
             raise SpaceSettingsError(f"MINICPMO_LIVE_MAX_BACKLOG must be >= 1, got {self.live_max_backlog_units}")
+        if not 0 <= self.live_batch_wait_s <= 1:
+            raise SpaceSettingsError(f"MINICPMO_LIVE_BATCH_WAIT_S must be in [0, 1], got {self.live_batch_wait_s}")
         if self.chat_max_new_tokens < 1:
             raise SpaceSettingsError(f"MINICPMO_CHAT_MAX_NEW_TOKENS must be >= 1, got {self.chat_max_new_tokens}")
 
@@ -58,6 +61,7 @@ class SpaceSettings:
             live_force_listen_count=_env_number("MINICPMO_LIVE_FORCE_LISTEN", 3, int),
             live_max_speak_tokens=_env_number("MINICPMO_LIVE_MAX_SPEAK_TOKENS", 20, int),
             live_max_backlog_units=_env_number("MINICPMO_LIVE_MAX_BACKLOG", 4, int),
+            live_batch_wait_s=_env_number("MINICPMO_LIVE_BATCH_WAIT_S", 0.15),
             chat_max_new_tokens=_env_number("MINICPMO_CHAT_MAX_NEW_TOKENS", 512, int),
             chat_max_speech_codes=codes,
             replay_max_seconds=_env_number("MINICPMO_REPLAY_MAX_SECONDS", 180.0),
