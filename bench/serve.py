@@ -54,6 +54,13 @@ def session_streams(n_sessions: int, n_units: int):
     return streams
 
 
+def bench_model(name: str):
+    """The random model of a config name ("tiny" or "mid"), seed 0, and its processor."""
+    torch.manual_seed(0)
+    model = MiniCPMOForConditionalGeneration(tiny_config() if name == "tiny" else mid_config()).eval()
+    return model, MiniCPMOProcessor.from_defaults()
+
+
 def run(model, processor, streams, batched: bool, aligned: bool = False) -> dict:
     engine = DuplexEngine(model, processor)
     ids = [f"s{i}" for i in range(len(streams))]
@@ -93,9 +100,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rows = []
     for name in args.configs:
-        torch.manual_seed(0)
-        model = MiniCPMOForConditionalGeneration(tiny_config() if name == "tiny" else mid_config()).eval()
-        processor = MiniCPMOProcessor.from_defaults()
+        model, processor = bench_model(name)
         for n in args.sessions:
             streams = session_streams(n, args.units)
             alone = run(model, processor, streams, batched=False, aligned=args.aligned)

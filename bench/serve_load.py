@@ -28,10 +28,9 @@ import time
 
 import torch
 
-from duplex import mid_config, rss_mb  # bench/duplex.py (`python bench/serve_load.py` puts bench/ on sys.path)
-from serve import session_streams  # bench/serve.py
+from duplex import rss_mb  # bench/duplex.py (`python bench/serve_load.py` puts bench/ on sys.path)
+from serve import bench_model, session_streams  # bench/serve.py
 
-from minicpmo import MiniCPMOForConditionalGeneration, MiniCPMOProcessor, tiny_config
 from minicpmo.duplex.engine import DuplexEngine
 from minicpmo.serve.client import RealtimeClient
 from minicpmo.serve.local import running_server
@@ -155,9 +154,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rows = []
     for name in args.configs:
-        torch.manual_seed(0)
-        model = MiniCPMOForConditionalGeneration(tiny_config() if name == "tiny" else mid_config()).eval()
-        processor = MiniCPMOProcessor.from_defaults()
+        model, processor = bench_model(name)
         for n in args.clients:
             streams = session_streams(n, args.units)
             expected = [alone_transcript(model, processor, stream, i) for i, stream in enumerate(streams)]
