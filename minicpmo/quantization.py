@@ -17,14 +17,14 @@ per weight) where bitsandbytes and its backend for the device are installed.
 
 from __future__ import annotations
 
-from .errors import MiniCPMOError
+from .errors import ConfigError
 
 KEPT_IN_FLOAT = ("model.vpm", "model.resampler", "model.apm", "model.audio_projection_layer", "token2wav")
 SPEECH_DECODER = "tts"
 WEIGHT_KINDS = ("int8", "int4", "nf4")
 
 
-class QuantizationError(MiniCPMOError):
+class QuantizationError(ConfigError):
     """An unknown weight kind, a bad group size, or a quantization backend that is not installed."""
 
 

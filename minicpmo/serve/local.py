@@ -6,10 +6,10 @@ import contextlib
 import threading
 import time
 
-from ..errors import MiniCPMOError
+from ..errors import DuplexError
 
 
-class ServerStartError(MiniCPMOError, RuntimeError):
+class ServerStartError(DuplexError, RuntimeError):  # the serving family, beside ProtocolError
     """uvicorn did not start listening in time (port taken, app failed in its lifespan)."""
 
 
