@@ -12,7 +12,7 @@ Backends: torchao (the `[quant]` extra) for "int8" (`Int8WeightOnlyConfig`: int8
 row) and "int4" (`IntxWeightOnlyConfig` with int4 values in groups of `group_size`). On CPU torchao 0.18 keeps
 int4 values unpacked in int8 storage (its packed int4 layouts need a GPU or the mslk kernels), so "int4" saves the
 same memory as "int8" there while rounding like int4; "nf4" is bitsandbytes' 4-bit NormalFloat (packed, 0.5 byte
-per weight) where bitsandbytes and its backend for the device are installed.
+per weight; bitsandbytes 0.50's CPU backend runs it, loaded with `device_map="cpu"`).
 """
 
 from __future__ import annotations

@@ -49,6 +49,6 @@ def test_optional_stacks_live_in_extras_and_dev_installs_them_all():
     assert extras["space"] == ["gradio==6.31.0"]
     assert {"peft", "trl", "datasets"} <= {req.split("=")[0] for req in extras["train"]}
     assert {"fastapi", "uvicorn", "websockets"} <= {req.split("=")[0].split(">")[0] for req in extras["serve"]}
-    assert extras["quant"] == ["torchao==0.18.0"]
+    assert extras["quant"] == ["torchao==0.18.0", "bitsandbytes==0.50.2"]
     assert "minicpmo[space,serve,train,eval,quant]" in extras["dev"]
     assert (ROOT / "requirements.txt").read_text().strip().splitlines()[-1] == ".[space]"
