@@ -20,7 +20,6 @@ units arrive in order, and its transcript (per-unit decisions and text) equals i
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import statistics
 import threading
@@ -43,12 +42,6 @@ def controls(client_index: int) -> dict:
     """Half the clients lean to speaking, so units of a tick stop at different decode steps."""
     return {"force_listen_count": 0, "generate_audio": False, "max_speak_tokens_per_unit": 8,
             "listen_bias": -2.0 if client_index % 2 else 2.0}
-
-
-def png(frame) -> bytes:
-    buffer = io.BytesIO()
-    frame.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def alone_transcript(model, processor, stream, client_index: int) -> list:
@@ -83,7 +76,7 @@ class LoadClient(threading.Thread):
                         self.stalls += 1
                         time.sleep(0.05)
                     if frame is not None:
-                        client.append_frame(png(frame))
+                        client.append_frame(frame)  # the client encodes PIL images as PNG
                     step = int(CHUNK_S * 16000)
                     for j, at in enumerate(range(0, len(audio), step)):
                         time.sleep(max(0.0, started + k + (j + 1) * CHUNK_S - time.monotonic()))

@@ -43,7 +43,8 @@ class RealtimeClient:
                    "sample_rate": INPUT_SAMPLE_RATE})
 
     def append_frame(self, image) -> None:
-        """A PIL image or encoded JPEG/PNG bytes; the server pairs the latest frame with the next unit."""
+        """A PIL image or encoded JPEG/PNG bytes; the server pairs it with the unit whose audio is arriving (the last
+        frame sent during a unit wins)."""
         if not isinstance(image, (bytes, bytearray)):
             buffer = io.BytesIO()
             image.save(buffer, format="PNG")
