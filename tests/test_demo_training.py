@@ -236,7 +236,7 @@ def test_demo_command_stops_after_a_stage_resumes_and_writes_a_loadable_model(tm
     encoders = {name: p.detach().clone() for name, p in halfway.named_parameters()
                 if any(part in name for part in (".vpm.", ".resampler.", ".apm.", "token2wav."))}
 
-    result = _demo_command(out, work, "--resume")
+    result = _demo_command(out, work, "--resume", "--stage-steps", "reading=3", "--stage-steps", "questions=2")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming after stage 'perception'" in result.stdout
     assert "[speech_tokenizer]" not in result.stdout  # finished stages are not run again
@@ -246,6 +246,10 @@ def test_demo_command_stops_after_a_stage_resumes_and_writes_a_loadable_model(tm
     for stage in ("speech_tokenizer", "flow", "vocoder", "perception", "reading", "questions", "duplex", "speech_decoder",
                   "rehearsal"):
         assert report[stage]["steps"] >= 1, stage
+    assert report["reading"]["steps"] == 3 and report["questions"]["steps"] == 2  # stepped stages: exactly their steps
+    assert report["questions"]["planned_steps"] == 2 and report["questions"]["budget_s"] is None
+    for stage in ("questions", "duplex", "speech_decoder", "rehearsal"):  # each later stage's typed-reply probe
+        assert set(report[stage]["heldout_reading"]) == set(report["reading"]["heldout"]), stage
     assert report["stage_seconds"]["perception"] == progress["report"]["stage_seconds"]["perception"]
     assert report["resumed"][0]["after"] == "perception"
     assert report["export"]["total_mb"] <= 64
@@ -296,3 +300,17 @@ def test_stage_minutes_option_replaces_one_budget_and_rejects_bad_items():
                        ("reading=0", "must be > 0")]:
         with pytest.raises(DemoPipelineError, match=words):
             parse_stage_minutes([bad])
+
+
+def test_stage_steps_option_fixes_a_stages_length_and_lifts_its_wall_clock_budget(tmp_path):
+    from finetune.demo.pipeline import STEPPABLE_STAGES, DemoPipelineError, DemoSettings, parse_stage_steps
+
+    steps = parse_stage_steps(["reading=1300", "questions=700"])
+    assert steps == {"reading": 1300, "questions": 700}
+    settings = DemoSettings(out=tmp_path / "o", work=tmp_path / "w", minutes_scale=0.5, stage_steps=steps)
+    assert settings.budget_s("reading") == float("inf") and settings.budget_s("duplex") == 0.5 * 60 * 24.0
+    assert "vocoder" not in STEPPABLE_STAGES  # token2wav stages train for minutes only
+    for bad, words in [("reading", "STAGE=STEPS"), ("vocoder=3", "STAGE one of"), ("reading=1.5", "whole number"),
+                       ("reading=0", ">= 1")]:
+        with pytest.raises(DemoPipelineError, match=words):
+            parse_stage_steps([bad])

@@ -68,6 +68,12 @@ STAGE_MINUTES = {
     "speech_decoder": 6.0,
     "rehearsal": 8.0,
 }
+# Stages that can be given a step count instead of minutes (`--stage-steps`): the demo's own loops and the recipe
+# trainers. A stage given steps has no wall-clock stop, so a busy CPU slows it down but cannot shorten it.
+STEPPABLE_STAGES = ("perception", "reading", "questions", "duplex", "speech_decoder", "rehearsal")
+# Stages after which the LLM's typed scene answers are scored teacher forced (`reading.evaluate_reading`, as the
+# reading stage scores itself), to see which later stage keeps or loses what the reading stage taught.
+READING_PROBED_STAGES = ("questions", "duplex", "speech_decoder", "rehearsal")
 
 
 @dataclass
@@ -85,8 +91,12 @@ class DemoSettings:
     stop_after: str | None = None
     log: object = print
     stage_minutes: dict = field(default_factory=lambda: dict(STAGE_MINUTES))
+    stage_steps: dict = field(default_factory=dict)
 
     def budget_s(self, stage: str) -> float:
+        """Wall-clock seconds for `stage`; unbounded when the stage is given a step count."""
+        if stage in self.stage_steps:
+            return float("inf")
         return 60.0 * self.stage_minutes[stage] * self.minutes_scale
 
 
@@ -111,15 +121,19 @@ def _train_for_budget(name: str, trainer, budget: float, started: float, setting
     """Size the schedule to what is left of the budget, train, and record steps and losses in `report`."""
     # Building the trainer (data loading, collator) counts against the stage; when it used up the whole budget, the
     # stage still trains fit_max_steps' minimum rather than failing (tiny budgets on a cold machine).
-    left = budget - (time.perf_counter() - started)
-    if left <= 0:
-        settings.log(f"[{name}] trainer setup took the whole {budget:.1f}-s budget; training the minimum steps")
-    steps = fit_max_steps(trainer, max(left, 1e-3))
-    settings.log(f"[{name}] {steps} steps planned in {budget / 60:.1f} min")
+    if name in settings.stage_steps:
+        steps = trainer.args.max_steps = settings.stage_steps[name]
+        settings.log(f"[{name}] {steps} steps planned (no wall-clock budget)")
+    else:
+        left = budget - (time.perf_counter() - started)
+        if left <= 0:
+            settings.log(f"[{name}] trainer setup took the whole {budget:.1f}-s budget; training the minimum steps")
+        steps = fit_max_steps(trainer, max(left, 1e-3))
+        settings.log(f"[{name}] {steps} steps planned in {budget / 60:.1f} min")
     result = trainer.train()
     history = [entry for entry in trainer.state.log_history if "loss" in entry]
     report[name] = {
-        "budget_s": budget,
+        "budget_s": budget if np.isfinite(budget) else None,
         "seconds": time.perf_counter() - started,
         "planned_steps": steps,
         "steps": trainer.state.global_step,
@@ -235,19 +249,26 @@ def run_stage(stage: str, model, processor, reference, settings: DemoSettings, r
         from .perception import train_perception
 
         report[stage] = train_perception(model, processor.image_processor, settings.budget_s(stage),
-                                         seed=settings.seed, log=settings.log)
+                                         seed=settings.seed, max_steps=settings.stage_steps.get(stage),
+                                         log=settings.log)
     elif stage == "reading":  # the first stage that trains the LLM: its token table is drawn here, then kept fixed
         from .reading import train_reading
 
         report["token_embeddings"] = init_token_embeddings(model, seed=settings.seed)
         report[stage] = train_reading(model, processor, settings.budget_s(stage), seed=settings.seed,
-                                      log=settings.log)
+                                      max_steps=settings.stage_steps.get(stage), log=settings.log)
     elif stage in ("questions", "duplex", "speech_decoder"):
         run_recipe(stage, model, processor, settings, questions if stage == "questions" else sessions, report)
     elif stage == "rehearsal":
         run_rehearsal(model, processor, settings, sessions, questions, report)
     else:
         raise DemoPipelineError(f"unknown stage {stage!r}; the stages are {STAGES}")
+    if stage in READING_PROBED_STAGES:
+        from ..chat_collator import TurnBasedCollator
+        from .reading import evaluate_reading
+
+        report[stage]["heldout_reading"] = evaluate_reading(model, TurnBasedCollator(processor, max_slice_nums=1))
+        settings.log(f"[{stage}] held-out typed replies (teacher forced): {report[stage]['heldout_reading']}")
 
 
 def freeze_for_stage(model, stage: str) -> None:
@@ -343,7 +364,8 @@ def build_demo_model(settings: DemoSettings) -> dict:
         report = {"settings": {"minutes_scale": settings.minutes_scale, "speech_clips": settings.speech_clips,
                                "sessions": settings.sessions, "questions": settings.questions,
                                "seed": settings.seed, "threads": settings.threads, "audio_init": settings.audio_init,
-                               "stage_minutes": settings.stage_minutes}, "stage_seconds": {}}
+                               "stage_minutes": settings.stage_minutes, "stage_steps": settings.stage_steps},
+                  "stage_seconds": {}}
         report["source"] = _source_revision()
         model = MiniCPMOForConditionalGeneration(demo_config())
     processor = build_processor(model.config)
@@ -388,6 +410,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--stage-minutes", action="append", default=[], metavar="STAGE=MIN",
                         help="set one timed stage's budget in minutes before --minutes-scale (repeatable), "
                              f"e.g. perception=11; defaults {STAGE_MINUTES}")
+    parser.add_argument("--stage-steps", action="append", default=[], metavar="STAGE=STEPS",
+                        help="train one stage for a fixed number of steps instead of minutes (repeatable; no "
+                             f"wall-clock stop), e.g. reading=1300; stages {STEPPABLE_STAGES}")
     args = parser.parse_args(argv)
     for name in ("minutes_scale", "speech_clips", "sessions", "questions", "threads"):
         if getattr(args, name) <= 0:
@@ -395,7 +420,8 @@ def main(argv: list[str] | None = None) -> dict:
     settings = DemoSettings(out=Path(args.out), work=Path(args.work), minutes_scale=args.minutes_scale,
                             speech_clips=args.speech_clips, sessions=args.sessions, questions=args.questions,
                             seed=args.seed, threads=args.threads, audio_init=args.audio_init, resume=args.resume,
-                            stop_after=args.stop_after, stage_minutes=parse_stage_minutes(args.stage_minutes))
+                            stop_after=args.stop_after, stage_minutes=parse_stage_minutes(args.stage_minutes),
+                            stage_steps=parse_stage_steps(args.stage_steps))
     return build_demo_model(settings)
 
 
@@ -416,5 +442,22 @@ def parse_stage_minutes(items: list[str]) -> dict:
     return minutes
 
 
-__all__ = ["DemoPipelineError", "DemoSettings", "STAGES", "STAGE_MINUTES", "build_demo_model", "build_processor",
-           "load_progress", "main", "parse_stage_minutes", "run_stage"]
+def parse_stage_steps(items: list[str]) -> dict:
+    """["reading=1300", ...] -> {"reading": 1300, ...}; typed error on a stage that cannot take steps or a bad count."""
+    steps = {}
+    for item in items:
+        stage, sep, value = item.partition("=")
+        if not sep or stage not in STEPPABLE_STAGES:
+            raise DemoPipelineError(f"--stage-steps takes STAGE=STEPS with STAGE one of {STEPPABLE_STAGES}, "
+                                    f"got {item!r}")
+        try:
+            steps[stage] = int(value)
+        except ValueError:
+            raise DemoPipelineError(f"--stage-steps {item!r}: {value!r} is not a whole number of steps") from None
+        if steps[stage] < 1:
+            raise DemoPipelineError(f"--stage-steps {item!r}: steps must be >= 1")
+    return steps
+
+
+__all__ = ["DemoPipelineError", "DemoSettings", "STAGES", "STAGE_MINUTES", "STEPPABLE_STAGES", "build_demo_model",
+           "build_processor", "load_progress", "main", "parse_stage_minutes", "parse_stage_steps", "run_stage"]
