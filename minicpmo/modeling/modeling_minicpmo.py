@@ -28,6 +28,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 from ..configuration.configuration_minicpmo import MiniCPMOConfig
 from ..configuration.configuration_token2wav import Token2WavConfig
 from ..errors import CheckpointError, ContextLengthError, SpeechOutputError
+from .attention_gqa import SDPA_GQA
 from .modeling_audio import (
     MiniCPMOAudioEncoder,
     MiniCPMOAudioPositionEmbedding,
@@ -104,6 +105,11 @@ class MiniCPMOPreTrainedModel(PreTrainedModel):
             module.reset_parameters_and_buffers(std=std)
         elif isinstance(module, MiniCPMOAudioPositionEmbedding):
             module.reset_parameters()
+
+    def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
+        """No request means "sdpa_gqa" (sdpa without the per-unit KV copy, see attention_gqa.py) where sdpa works."""
+        chosen = super().get_correct_attn_implementation(requested_attention, is_init_check=is_init_check)
+        return SDPA_GQA if requested_attention is None and chosen == "sdpa" else chosen
 
     def _share_attn_implementation(self) -> None:
         """Towers built from sub-configs follow the model's attention implementation unless set explicitly."""
