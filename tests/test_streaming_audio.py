@@ -30,6 +30,7 @@ from minicpmo.modeling.modeling_audio import (  # noqa: E402
     block_causal_attention_mask,
 )
 from minicpmo.modeling.modeling_duplex_audio import (  # noqa: E402
+    encode_units as encode_units_batched,
     DuplexAudioEncoderState,
     encode_unit,
     expected_unit_mel_frames,
@@ -354,6 +355,34 @@ def test_cache_resets_with_the_official_pre_crop_rule():
             mask = block_causal_attention_mask(torch.tensor([100]), 100, 50, hidden.dtype)
             reference.append(projector.project_and_pool(encoder._run_layers(hidden, mask))[0])
     torch.testing.assert_close(torch.cat(outputs), torch.cat(reference), rtol=1e-5, atol=1e-5)
+
+
+def test_several_streams_in_one_batch_equal_each_stream_alone():
+    """Streams that joined at different units (caches of 0, 50 and 100 frames, one crossing the 30-s reset) step
+    together through `encode_units` (one pass of the layers, shorter caches left-padded and masked) and give what
+    each gives stepped alone, unit after unit, states included."""
+    encoder, projector = tiny_tower(max_source_positions=151, seed=4)
+    mels = [torch.randn(1, 80, 603, generator=torch.Generator().manual_seed(10 + i)) for i in range(3)]
+    starts = [0, 1, 2]  # stream i joins at tick i
+    alone = [encode_units(encoder, projector, unit_chunks(mel, 6 - start))[0] for mel, start in zip(mels, starts)]
+    states = [None, None, None]
+    got = [[], [], []]
+    resets = set()
+    with torch.no_grad():
+        for tick in range(6):
+            active = [i for i in range(3) if tick >= starts[i]]
+            chunks = [unit_chunks(mels[i], tick - starts[i] + 1)[-1] for i in active]
+            outputs, new_states = encode_units_batched(encoder, projector, chunks, [states[i] for i in active])
+            for i, out, state in zip(active, outputs, new_states):
+                got[i].append(out)
+                states[i] = state
+                resets.add(state.cache_resets)
+    assert resets >= {0, 1}  # the batch held streams on both sides of a reset
+    for i in range(3):
+        assert len(got[i]) == len(alone[i])
+        torch.testing.assert_close(torch.cat(got[i]), torch.cat(alone[i]), rtol=1e-5, atol=1e-5)
+    with pytest.raises(AudioStreamError, match="mel chunks for"):
+        encode_units_batched(encoder, projector, [unit_chunks(mels[0], 1)[0]], [None, None])
 
 
 def test_whisper_cache_spans_at_most_30_seconds():

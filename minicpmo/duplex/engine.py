@@ -1,10 +1,10 @@
 """Many duplex sessions on one model, stepped together: one unit tick runs every active session's unit as a batch.
 
 `DuplexEngine.step({session_id: (audio_1s, frame)})` does, for the sessions given: the processor's unit inputs
-(each session's own streaming mel), all frames through the vision tower in one call, each session's audio through
-its own streaming encoder cache, then one batched LLM prefill over the sessions' KV caches, batched decode steps in
-which each session stops on its own (the official per-token rule, `UnitDecoding`, per row), one batched closing
-forward, and each session's speech. Sessions open and close between ticks; a session stepped here gives the
+(each session's own streaming mel), all frames through the vision tower in one call, all sessions' audio through
+the streaming encoder in one call (each over its own encoder cache: `MiniCPMOAudioEncoder.step_batch`), then one
+batched LLM prefill over the sessions' KV caches, batched decode steps in which each session stops on its own (the
+official per-token rule, `UnitDecoding`, per row), one batched closing forward, and each session's speech. Sessions open and close between ticks; a session stepped here gives the
 outputs it gives stepped alone (`DuplexSession.step`), with greedy decoding and with its own seed.
 
 A session whose input is bad gets its typed error as its output; the others go on. The engine is not thread-safe:
@@ -101,12 +101,16 @@ class DuplexEngine:
         started = time.perf_counter()
         image_features = model.duplex_image_features([inputs for _, _, inputs, _, _ in ready])
         vision_s = (time.perf_counter() - started) / len(ready)
-        embeds = []
-        for (_, session, inputs, _, timings), features in zip(ready, image_features):
-            row, session.state.audio_state, embed_timings = model.duplex_embed_unit(
-                inputs, session.state.audio_state, image_features=features)
-            timings["vision"], timings["audio"] = vision_s, embed_timings["audio"]
-            embeds.append(row[0])
+        started = time.perf_counter()
+        sessions = [session for _, session, _, _, _ in ready]
+        embeds, audio_states = model.duplex_embed_units([inputs for _, _, inputs, _, _ in ready],
+                                                        [session.state.audio_state for session in sessions],
+                                                        image_features)
+        audio_s = (time.perf_counter() - started) / len(ready)
+        for session, audio_state, (_, _, _, _, timings) in zip(sessions, audio_states, ready):
+            session.state.audio_state = audio_state
+            timings["vision"], timings["audio"] = vision_s, audio_s
+        embeds = [row[0] for row in embeds]
         contexts = [session.state.llm for _, session, _, _, _ in ready]
         stacked = stack_contexts(contexts, model.config)
         unit_starts = list(stacked.next_positions)

@@ -25,7 +25,7 @@ real end are zeroed before conv2, so the real frames of a padded item equal thos
 official code lets padding leak into the last frame through the conv; we keep the unpadded behaviour).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -239,6 +239,68 @@ class MiniCPMOAudioEncoder(nn.Module):
         official half-duplex prefill convolves each chunk alone: pass `dataclasses.replace(state, mel_tail=None)`
         and no lookahead.
         """
+        hidden, key_values, new_state = self._step_inputs(input_features_chunk, state, lookahead_features)
+        cache = DynamicCache(ddp_cache_data=key_values) if key_values else DynamicCache()
+        hidden = self._run_layers(hidden, None, cache=cache)
+        keys_values = tuple((layer.keys, layer.values) for layer in cache.layers)
+        return hidden, replace(new_state, key_values=keys_values)
+
+    def step_batch(
+        self,
+        chunks: list[torch.Tensor],
+        states: list[AudioEncoderStreamState],
+        lookaheads: list[torch.Tensor | None],
+    ) -> tuple[list[torch.Tensor], list[AudioEncoderStreamState]]:
+        """`step` for several streams at once: each chunk is convolved against its own context, then all go through
+        the layers in one batch over their own KV caches, left-padded to the longest with the padding masked, so
+        each stream's output equals its own `step` (up to float summation order). Every chunk must give the same
+        number of encoder frames (duplex units do: 50)."""
+        if not chunks or not len(chunks) == len(states) == len(lookaheads):
+            raise AudioStreamError(f"step_batch needs as many chunks, states and lookaheads, at least one; got "
+                                   f"{len(chunks)}, {len(states)}, {len(lookaheads)}")
+        prepared = [self._step_inputs(chunk, state, lookahead)
+                    for chunk, state, lookahead in zip(chunks, states, lookaheads)]
+        frames = {hidden.shape[1] for hidden, _, _ in prepared}
+        if len(frames) != 1:
+            raise AudioStreamError(f"step_batch chunks must give the same number of encoder frames, got {frames}")
+        num_frames = frames.pop()
+        hidden = torch.cat([row for row, _, _ in prepared])
+        cached = [state.cached_frames - num_frames for _, _, state in prepared]  # cache length before this chunk
+        longest = max(cached)
+        cache = DynamicCache()
+        if longest:
+            template = next(key_values for _, key_values, _ in prepared if key_values)[0][0]
+            for layer_index in range(len(self.layers)):
+                keys, values = [], []
+                for (_, key_values, _), length in zip(prepared, cached):
+                    pad = (0, 0, longest - length, 0)
+                    if key_values:
+                        keys.append(nn.functional.pad(key_values[layer_index][0], pad))
+                        values.append(nn.functional.pad(key_values[layer_index][1], pad))
+                    else:
+                        keys.append(template.new_zeros(1, template.shape[1], longest, template.shape[3]))
+                        values.append(template.new_zeros(1, template.shape[1], longest, template.shape[3]))
+                cache.update(torch.cat(keys), torch.cat(values), layer_index)
+        mask = None
+        if any(length < longest for length in cached):
+            columns = torch.arange(longest + num_frames, device=hidden.device)
+            starts = torch.tensor([longest - length for length in cached], device=hidden.device)
+            allowed = (columns[None, :] >= starts[:, None])[:, None, None, :]
+            mask = torch.zeros((len(chunks), 1, num_frames, longest + num_frames), dtype=hidden.dtype,
+                               device=hidden.device).masked_fill(~allowed, torch.finfo(hidden.dtype).min)
+        hidden = self._run_layers(hidden, mask, cache=cache)
+        outputs, new_states = [], []
+        for row, ((_, _, state), length) in enumerate(zip(prepared, cached)):
+            start = longest - length
+            key_values = tuple((layer.keys[row:row + 1, :, start:].contiguous(),
+                                layer.values[row:row + 1, :, start:].contiguous()) for layer in cache.layers)
+            outputs.append(hidden[row:row + 1])
+            new_states.append(replace(state, key_values=key_values))
+        return outputs, new_states
+
+    def _step_inputs(self, input_features_chunk, state, lookahead_features) -> tuple:
+        """A chunk's conv output with its positions added [1, n, d], the KV cache it attends to (after the 30-s
+        reset), and its new state without the cache (`key_values` filled in by the caller)."""
         state = AudioEncoderStreamState() if state is None else state
         self._check_features(input_features_chunk, "input_features_chunk")
         if input_features_chunk.shape[0] != 1:
@@ -270,17 +332,14 @@ class MiniCPMOAudioEncoder(nn.Module):
         if cached + num_frames >= self.max_source_positions:
             key_values, cached = (), 0
         hidden = hidden + self.embed_positions.weight[cached : cached + num_frames]
-        cache = DynamicCache(ddp_cache_data=key_values) if key_values else DynamicCache()
-        hidden = self._run_layers(hidden, None, cache=cache)
-
         history = torch.cat(pieces[: 2 if left is not None else 1], dim=-1)
         new_state = AudioEncoderStreamState(
-            key_values=tuple((layer.keys, layer.values) for layer in cache.layers),
+            key_values=(),
             cached_frames=cached + num_frames,
             mel_tail=history[..., -CONV_LEFT_CONTEXT_MEL_FRAMES:].detach(),
             mel_frames_seen=state.mel_frames_seen + mel_frames,
         )
-        return hidden, new_state
+        return hidden, key_values, new_state
 
 
 class MiniCPMOAudioProjector(MultiModalProjector):

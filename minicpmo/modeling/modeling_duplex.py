@@ -33,7 +33,7 @@ import torch
 from transformers import DynamicCache
 
 from .modeling_cache_window import drop_cache_span
-from .modeling_duplex_audio import DuplexAudioEncoderState, encode_unit
+from .modeling_duplex_audio import DuplexAudioEncoderState, encode_unit, encode_units
 from .modeling_multimodal_merge import scatter_into_slots
 from .modeling_speech_decoder import SpeechSamplingConfig
 from .modeling_speech_output import text_logits_processors
@@ -271,16 +271,33 @@ class MiniCPMODuplexMixin:
             image_features = self.duplex_image_features([inputs])[0]
         timings["vision"] = time.perf_counter() - started
         started = time.perf_counter()
-        mel_chunk = inputs["input_features"].to(device=self.device, dtype=core.apm.conv1.weight.dtype)
-        audio_features, audio_state = encode_unit(core.apm, core.audio_projection_layer, mel_chunk, audio_state,
-                                                  pool_step=self.config.audio_pool_step)
+        audio_features, audio_state = encode_unit(core.apm, core.audio_projection_layer, self._unit_mel(inputs),
+                                                  audio_state, pool_step=self.config.audio_pool_step)
         timings["audio"] = time.perf_counter() - started
+        return self._unit_embeddings(inputs, audio_features, image_features), audio_state, timings
+
+    @torch.no_grad()
+    def duplex_embed_units(self, units: list, audio_states: list, image_features: list) -> tuple:
+        """Several sessions' units (their `duplex_unit` inputs, audio states and `duplex_image_features`) with all
+        their audio through the streaming encoder in one call: ([embeddings [1, L, H]], [new audio states])."""
+        core = self.model
+        audio_features, audio_states = encode_units(core.apm, core.audio_projection_layer,
+                                                    [self._unit_mel(inputs) for inputs in units], audio_states,
+                                                    pool_step=self.config.audio_pool_step)
+        embeds = [self._unit_embeddings(inputs, audio, image)
+                  for inputs, audio, image in zip(units, audio_features, image_features)]
+        return embeds, audio_states
+
+    def _unit_mel(self, inputs) -> torch.Tensor:
+        return inputs["input_features"].to(device=self.device, dtype=self.model.apm.conv1.weight.dtype)
+
+    def _unit_embeddings(self, inputs, audio_features: torch.Tensor, image_features) -> torch.Tensor:
+        core = self.model
         input_ids = inputs["input_ids"].to(self.device)
         embeds = core.get_input_embeddings()(input_ids)
         if image_features is not None:
             embeds = scatter_into_slots(embeds, core.image_slot_mask(input_ids), image_features.flatten(0, 1), "image")
-        embeds = scatter_into_slots(embeds, core.audio_slot_mask(input_ids), audio_features, "audio")
-        return embeds, audio_state, timings
+        return scatter_into_slots(embeds, core.audio_slot_mask(input_ids), audio_features, "audio")
 
     @torch.no_grad()
     def duplex_decide(self, decoder: DuplexDecoder, logits: torch.Tensor, history: list, unit_index: int) -> int:

@@ -82,6 +82,35 @@ def encode_unit(
     chunk is not one duplex unit for this state (batch > 1, wrong frame count) and AudioInputError for wrong mel bins.
     """
     state = DuplexAudioEncoderState() if state is None else state
+    core, encoder_state, lookahead, reset = _unit_step_inputs(encoder, mel_chunk, state)
+    hidden, encoder_state = encoder.step(core, encoder_state, lookahead_features=lookahead)
+    return projector.project_and_pool(hidden, pool_step)[0], _next_state(state, encoder_state, reset)
+
+
+def encode_units(
+    encoder: MiniCPMOAudioEncoder,
+    projector: MiniCPMOAudioProjector,
+    mel_chunks: list[torch.Tensor],
+    states: list[DuplexAudioEncoderState | None],
+    pool_step: int = 5,
+) -> tuple[list[torch.Tensor], list[DuplexAudioEncoderState]]:
+    """`encode_unit` for several sessions in one encoder pass (`MiniCPMOAudioEncoder.step_batch`: each session's own
+    conv context and KV cache, caches of different lengths masked): ([10, llm_hidden] per session, new states)."""
+    states = [DuplexAudioEncoderState() if state is None else state for state in states]
+    if len(mel_chunks) != len(states):
+        raise AudioStreamError(f"{len(mel_chunks)} mel chunks for {len(states)} stream states")
+    prepared = [_unit_step_inputs(encoder, chunk, state) for chunk, state in zip(mel_chunks, states)]
+    hidden, encoder_states = encoder.step_batch([core for core, _, _, _ in prepared],
+                                                [encoder_state for _, encoder_state, _, _ in prepared],
+                                                [lookahead for _, _, lookahead, _ in prepared])
+    pooled = projector.project_and_pool(torch.cat(hidden), pool_step)
+    return list(pooled), [_next_state(state, encoder_state, reset)
+                          for state, encoder_state, (_, _, _, reset) in zip(states, encoder_states, prepared)]
+
+
+def _unit_step_inputs(encoder: MiniCPMOAudioEncoder, mel_chunk: torch.Tensor, state: DuplexAudioEncoderState):
+    """Check one unit's mel against its stream state and split it for `encoder.step`: (core frames, encoder state
+    with the 30-s reset applied and the unit's own left redundancy as conv context, lookahead frames, reset?)."""
     if mel_chunk.ndim != 3 or mel_chunk.shape[0] != 1:
         raise AudioStreamError(f"a duplex unit is one mel chunk [1, mel_bins, frames], got {tuple(mel_chunk.shape)}")
     expected = expected_unit_mel_frames(state)
@@ -92,7 +121,6 @@ def encode_unit(
             f"redundancy per side, none on the left of the first unit), got {mel_chunk.shape[-1]}; use "
             "StreamingMelProcessor with cnn_redundancy_ms=20"
         )
-
     encoder_state = state.encoder_state
     reset = needs_cache_reset(encoder_state.cached_frames, expected, encoder.max_source_positions)
     if reset:
@@ -101,12 +129,10 @@ def encode_unit(
     encoder_state = dataclasses.replace(encoder_state, mel_tail=mel_chunk[..., :prefix] if prefix else None)
     core = mel_chunk[..., prefix : prefix + UNIT_CORE_MEL_FRAMES]
     lookahead = mel_chunk[..., prefix + UNIT_CORE_MEL_FRAMES :]
+    return core, encoder_state, lookahead, reset
 
-    hidden, encoder_state = encoder.step(core, encoder_state, lookahead_features=lookahead)
-    embeddings = projector.project_and_pool(hidden, pool_step)[0]
-    new_state = DuplexAudioEncoderState(
-        encoder_state=encoder_state,
-        units_encoded=state.units_encoded + 1,
-        cache_resets=state.cache_resets + int(reset),
-    )
-    return embeddings, new_state
+
+def _next_state(state: DuplexAudioEncoderState, encoder_state: AudioEncoderStreamState,
+                reset: bool) -> DuplexAudioEncoderState:
+    return DuplexAudioEncoderState(encoder_state=encoder_state, units_encoded=state.units_encoded + 1,
+                                   cache_resets=state.cache_resets + int(reset))
