@@ -8,7 +8,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTIONAL_STACKS = ("gradio", "trl", "peft", "datasets", "matplotlib", "faster_whisper", "ctranslate2", "jiwer",
-                   "fastapi", "uvicorn", "websockets")
+                   "fastapi", "uvicorn", "websockets", "ray")
 # torchao (the [quant] extra) is not in the list: transformers' quantizers/auto.py imports it with every model
 # import whenever it is installed, so that is transformers' import, not ours.
 
@@ -50,5 +50,6 @@ def test_optional_stacks_live_in_extras_and_dev_installs_them_all():
     assert {"peft", "trl", "datasets"} <= {req.split("=")[0] for req in extras["train"]}
     assert {"fastapi", "uvicorn", "websockets"} <= {req.split("=")[0].split(">")[0] for req in extras["serve"]}
     assert extras["quant"] == ["torchao==0.18.0", "bitsandbytes==0.50.2"]
-    assert "minicpmo[space,serve,train,eval,quant]" in extras["dev"]
+    assert extras["ray"] == ["minicpmo[serve]", "ray[serve]==2.60.0"]
+    assert "minicpmo[space,serve,ray,train,eval,quant]" in extras["dev"]
     assert (ROOT / "requirements.txt").read_text().strip().splitlines()[-1] == ".[space]"

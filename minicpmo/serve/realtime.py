@@ -95,16 +95,19 @@ class RealtimeServer:
     """Sessions, the engine and the tick loop (see module docstring); `app()` is the FastAPI application.
 
     `max_batch`: the most sessions one engine step takes (None: every session with a unit ready; 1: one by one, the
-    baseline of `bench/serve_load.py`)."""
+    baseline of `bench/serve_load.py`). `replica` names this server in `/health` and `session.created` when several
+    serve one model (the Ray Serve deployment, `minicpmo.serve.ray_app`)."""
 
     def __init__(self, model, processor, voice_audio=None, name: str = "model", max_buffer_s: float = 5.0,
-                 max_outbox: int = 256, max_sessions: int = 16, max_batch: int | None = None):
+                 max_outbox: int = 256, max_sessions: int = 16, max_batch: int | None = None,
+                 replica: str | None = None):
         if max_batch is not None and int(max_batch) < 1:
             raise ValueError(f"max_batch must be None (all ready sessions) or >= 1, got {max_batch}")
         self.max_batch = None if max_batch is None else int(max_batch)
         self.engine = DuplexEngine(model, processor)
         self.voice_audio = voice_audio
         self.name = name
+        self.replica = replica
         self.max_buffer = int(max_buffer_s * INPUT_SAMPLE_RATE)
         self.max_outbox = int(max_outbox)
         self.max_sessions = int(max_sessions)
@@ -114,26 +117,39 @@ class RealtimeServer:
         self._ids = itertools.count(1)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="minicpmo-model")
         self._wake: asyncio.Event | None = None
+        self._ticker: asyncio.Task | None = None
 
     # ----------------------------------------------------------------------------------------- application
+    def start(self) -> None:
+        """Start the tick loop on the running event loop (idempotent: a host without a lifespan calls it per
+        connection)."""
+        if self._ticker is None:
+            self._wake = asyncio.Event()
+            self._ticker = asyncio.get_running_loop().create_task(self._tick_loop())
+
+    async def stop(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+            self._ticker = None
+
+    def health(self) -> dict:
+        report = {"status": "ok", "model": self.name, "sessions": len(self.sessions), "ticks": self.ticks,
+                  "units": self.units}
+        return report if self.replica is None else {**report, "replica": self.replica}
+
     def app(self) -> FastAPI:
         @contextlib.asynccontextmanager
         async def lifespan(_app):
-            self._wake = asyncio.Event()
-            ticker = asyncio.create_task(self._tick_loop())
+            self.start()
             try:
                 yield
             finally:
-                ticker.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await ticker
+                await self.stop()
 
         app = FastAPI(title="minicpmo realtime", lifespan=lifespan)
-
-        @app.get("/health")
-        def health() -> dict:
-            return {"status": "ok", "model": self.name, "sessions": len(self.sessions), "ticks": self.ticks,
-                    "units": self.units}
+        app.get("/health")(self.health)
 
         @app.websocket("/v1/realtime")
         async def realtime(websocket: WebSocket):
@@ -148,6 +164,7 @@ class RealtimeServer:
 
     # ------------------------------------------------------------------------------------------ one client
     async def serve(self, websocket) -> None:
+        self.start()
         await websocket.accept()
         if len(self.sessions) >= self.max_sessions:
             await websocket.send_json({**error_event(ProtocolError("server_full", "the server holds "
@@ -157,7 +174,9 @@ class RealtimeServer:
         session = ClientSession(f"sess_{next(self._ids)}", asyncio.Queue(maxsize=self.max_outbox))
         self.sessions[session.session_id] = session
         writer = asyncio.create_task(self._write(websocket, session))
-        session.send({"type": "session.created", "session": {"id": session.session_id}})
+        created = {"id": session.session_id} if self.replica is None else {"id": session.session_id,
+                                                                            "replica": self.replica}
+        session.send({"type": "session.created", "session": created})
         try:
             while not session.dropped:
                 message = await websocket.receive()
