@@ -425,38 +425,33 @@ def main(argv: list[str] | None = None) -> dict:
     return build_demo_model(settings)
 
 
-def parse_stage_minutes(items: list[str]) -> dict:
-    """["perception=11", ...] -> the default STAGE_MINUTES with those stages replaced; typed error on bad items."""
-    minutes = dict(STAGE_MINUTES)
+def _parse_stage_values(items: list[str], option: str, metavar: str, stages: tuple, convert, what: str,
+                        valid, bound: str) -> dict:
+    """["stage=value", ...] -> {stage: convert(value)}; a typed error names the option, the item and the rule."""
+    parsed = {}
     for item in items:
         stage, sep, value = item.partition("=")
-        if not sep or stage not in STAGE_MINUTES:
-            raise DemoPipelineError(f"--stage-minutes takes STAGE=MIN with STAGE one of {tuple(STAGE_MINUTES)}, "
-                                    f"got {item!r}")
+        if not sep or stage not in stages:
+            raise DemoPipelineError(f"{option} takes STAGE={metavar} with STAGE one of {stages}, got {item!r}")
         try:
-            minutes[stage] = float(value)
+            parsed[stage] = convert(value)
         except ValueError:
-            raise DemoPipelineError(f"--stage-minutes {item!r}: {value!r} is not a number of minutes") from None
-        if not minutes[stage] > 0:
-            raise DemoPipelineError(f"--stage-minutes {item!r}: minutes must be > 0")
-    return minutes
+            raise DemoPipelineError(f"{option} {item!r}: {value!r} is not {what}") from None
+        if not valid(parsed[stage]):
+            raise DemoPipelineError(f"{option} {item!r}: {bound}")
+    return parsed
+
+
+def parse_stage_minutes(items: list[str]) -> dict:
+    """["perception=11", ...] -> the default STAGE_MINUTES with those stages replaced; typed error on bad items."""
+    return {**STAGE_MINUTES, **_parse_stage_values(items, "--stage-minutes", "MIN", tuple(STAGE_MINUTES), float,
+                                                   "a number of minutes", lambda v: v > 0, "minutes must be > 0")}
 
 
 def parse_stage_steps(items: list[str]) -> dict:
     """["reading=1300", ...] -> {"reading": 1300, ...}; typed error on a stage that cannot take steps or a bad count."""
-    steps = {}
-    for item in items:
-        stage, sep, value = item.partition("=")
-        if not sep or stage not in STEPPABLE_STAGES:
-            raise DemoPipelineError(f"--stage-steps takes STAGE=STEPS with STAGE one of {STEPPABLE_STAGES}, "
-                                    f"got {item!r}")
-        try:
-            steps[stage] = int(value)
-        except ValueError:
-            raise DemoPipelineError(f"--stage-steps {item!r}: {value!r} is not a whole number of steps") from None
-        if steps[stage] < 1:
-            raise DemoPipelineError(f"--stage-steps {item!r}: steps must be >= 1")
-    return steps
+    return _parse_stage_values(items, "--stage-steps", "STEPS", STEPPABLE_STAGES, int, "a whole number of steps",
+                               lambda v: v >= 1, "steps must be >= 1")
 
 
 __all__ = ["DemoPipelineError", "DemoSettings", "STAGES", "STAGE_MINUTES", "STEPPABLE_STAGES", "build_demo_model",
