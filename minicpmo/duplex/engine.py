@@ -4,8 +4,9 @@
 (each session's own streaming mel), all frames through the vision tower in one call, all sessions' audio through
 the streaming encoder in one call (each over its own encoder cache: `MiniCPMOAudioEncoder.step_batch`), then one
 batched LLM prefill over the sessions' KV caches, batched decode steps in which each session stops on its own (the
-official per-token rule, `UnitDecoding`, per row), one batched closing forward, and each session's speech. Sessions open and close between ticks; a session stepped here gives the
-outputs it gives stepped alone (`DuplexSession.step`), with greedy decoding and with its own seed.
+official per-token rule, `UnitDecoding`, per row), one batched closing forward, and each session's speech.
+Sessions open and close between ticks; a session stepped here gives the outputs it gives stepped alone
+(`DuplexSession.step`), with greedy decoding and with its own seed.
 
 A session whose input is bad gets its typed error as its output; the others go on. The engine is not thread-safe:
 one caller (a server's tick loop) drives it.

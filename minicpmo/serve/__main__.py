@@ -37,14 +37,9 @@ def main(argv: list[str] | None = None) -> None:
 
     import uvicorn
 
-    from ..space.model_loading import load_model
-    from ..voices import read_audio_16k
-    from .realtime import create_app
+    from .realtime import RealtimeServer
 
-    loaded = load_model(args.model)
-    voice = read_audio_16k(loaded.model_voice) if loaded.model_voice else None
-    app = create_app(loaded.model, loaded.processor, voice_audio=voice, name=loaded.name,
-                     max_sessions=args.max_sessions, max_batch=args.max_batch)
+    app = RealtimeServer.load(args.model, max_sessions=args.max_sessions, max_batch=args.max_batch).app()
     uvicorn.run(app, host=args.host, port=args.port, ws_max_size=8 * 1024 * 1024)
 
 

@@ -30,15 +30,10 @@ class RealtimeReplica:
     """One model replica: loads `model` (a saved folder, a hub id, or None for the embedded demo model)."""
 
     def __init__(self, model=None, server_options=None):
-        from ..space.model_loading import load_model
-        from ..voices import read_audio_16k
         from .realtime import RealtimeServer
 
-        loaded = load_model(model)
-        voice = read_audio_16k(loaded.model_voice) if loaded.model_voice else None
-        replica = serve.get_replica_context().replica_id.unique_id
-        self.server = RealtimeServer(loaded.model, loaded.processor, voice_audio=voice, name=loaded.name,
-                                     replica=replica, **(server_options or {}))
+        self.server = RealtimeServer.load(model, replica=serve.get_replica_context().replica_id.unique_id,
+                                          **(server_options or {}))
 
     @ingress.get("/health")
     def health(self) -> dict:

@@ -119,6 +119,21 @@ class RealtimeServer:
         self._wake: asyncio.Event | None = None
         self._ticker: asyncio.Task | None = None
 
+    @classmethod
+    def load(cls, model: str | None = None, **options) -> RealtimeServer:
+        """A server on `model` as the Space loads it (a saved folder, a hub id, or None for the embedded default),
+        speaking with that model's own voice reference when it has one."""
+        from ..space.model_loading import load_model
+        from ..voices import read_audio_16k
+
+        loaded = load_model(model)
+        voice = read_audio_16k(loaded.model_voice) if loaded.model_voice else None
+        return cls(loaded.model, loaded.processor, voice_audio=voice, name=loaded.name, **options)
+
+    def _named(self, fields: dict) -> dict:
+        """`fields` plus this server's replica name, when it has one."""
+        return fields if self.replica is None else {**fields, "replica": self.replica}
+
     # ----------------------------------------------------------------------------------------- application
     def start(self) -> None:
         """Start the tick loop on the running event loop (idempotent: a host without a lifespan calls it per
@@ -135,9 +150,8 @@ class RealtimeServer:
             self._ticker = None
 
     def health(self) -> dict:
-        report = {"status": "ok", "model": self.name, "sessions": len(self.sessions), "ticks": self.ticks,
-                  "units": self.units}
-        return report if self.replica is None else {**report, "replica": self.replica}
+        return self._named({"status": "ok", "model": self.name, "sessions": len(self.sessions), "ticks": self.ticks,
+                            "units": self.units})
 
     def app(self) -> FastAPI:
         @contextlib.asynccontextmanager
@@ -174,9 +188,7 @@ class RealtimeServer:
         session = ClientSession(f"sess_{next(self._ids)}", asyncio.Queue(maxsize=self.max_outbox))
         self.sessions[session.session_id] = session
         writer = asyncio.create_task(self._write(websocket, session))
-        created = {"id": session.session_id} if self.replica is None else {"id": session.session_id,
-                                                                            "replica": self.replica}
-        session.send({"type": "session.created", "session": created})
+        session.send({"type": "session.created", "session": self._named({"id": session.session_id})})
         try:
             while not session.dropped:
                 message = await websocket.receive()
